@@ -1,0 +1,268 @@
+"""Template banks, mixtures and schedules: the whole method of "Compositional Models"
+(Zhmoginov, Bashkirova, Sandler, 2021, arXiv:2106.02626).
+
+A `TemplateBank` stacks K templates of one block type. A `Mixture` owns, for each executed
+layer l, K logits and turns them into that layer's parameters,
+    theta_l = sum_k alpha_lk * T_k,  alpha_l = softmax(logits_l / temperature),
+with one matrix product per bank for all layers. A hard order (one template index per layer)
+runs each template as it is, with no mixing. A `Schedule` is a mixture plus the executed layers,
+each owning its normalization statistics. Any number of schedules (tasks, domains) can run over
+one bank: the bank is passed in at call time, never copied.
+"""
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import register_notrace_module
+
+__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'INIT_LOGIT']
+
+# Initial logit of a layer's scheduled template (the others start at 0). At 16 the scheduled
+# template's weight is 1 - (K-1) * 1.1e-7, so a warm-started schedule reproduces the source network
+# to float32 precision, while the logits stay trainable (Adam-type optimizers see the gradient's sign).
+INIT_LOGIT = 16.0
+
+
+def cyclic_order(num_layers: int, num_templates: int) -> List[int]:
+    """Layer l runs template l mod K: with num_layers = reuse * K, each template runs `reuse` times."""
+    return [l % num_templates for l in range(num_layers)]
+
+
+class TemplateBank(nn.Module):
+    """K templates of one block type, stored as two stacked parameters of shape (K, P).
+
+    `weight` holds the multi-dimensional parameters (conv kernels: weight decay applies),
+    `affine` the one-dimensional ones (normalization scale and shift: no weight decay).
+    Keeping every template parameter in one row makes the mixing a single matrix product.
+    """
+
+    def __init__(self, shapes: Dict[str, Tuple[int, ...]], num_templates: int, device=None, dtype=None):
+        super().__init__()
+        if num_templates < 1:
+            raise ValueError(f'a template bank needs at least one template, got num_templates={num_templates}')
+        self.num_templates = num_templates
+        self.layout: Dict[str, Tuple[str, int, Tuple[int, ...]]] = {}  # name -> (group, index in group, shape)
+        sizes: Dict[str, List[int]] = {'weight': [], 'affine': []}
+        for name, shape in shapes.items():
+            group = 'weight' if len(shape) > 1 else 'affine'
+            self.layout[name] = (group, len(sizes[group]), tuple(shape))
+            sizes[group].append(math.prod(shape))
+        self.sizes = sizes
+        self.weight = nn.Parameter(torch.empty(num_templates, sum(sizes['weight']), device=device, dtype=dtype))
+        self.affine = nn.Parameter(torch.empty(num_templates, sum(sizes['affine']), device=device, dtype=dtype))
+
+    def unflatten(self, weight_row: torch.Tensor, affine_row: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One layer's parameters, by name, as views into one row of (mixed) templates."""
+        parts = {'weight': weight_row.split(self.sizes['weight']), 'affine': affine_row.split(self.sizes['affine'])}
+        return {name: parts[group][i].view(shape) for name, (group, i, shape) in self.layout.items()}
+
+    def template(self, k: int) -> Dict[str, torch.Tensor]:
+        """Template k's parameters by name, as views (writable, e.g. to initialise or warm-start it)."""
+        return self.unflatten(self.weight[k], self.affine[k])
+
+    def extra_repr(self) -> str:
+        return f'num_templates={self.num_templates}, params_per_template={self.weight.shape[1] + self.affine.shape[1]}'
+
+
+@register_notrace_module  # FX keeps it a leaf: its eval cache is Python state, not graph ops
+class Mixture(nn.Module):
+    """How the layers of a schedule draw on a bank: learnable logits (L, K) or a hard order.
+
+    Called with the bank's stacked parameters, it returns the rows the layers run and
+    `rows()` says which row each layer takes: soft mixtures return (L, P) mixed rows (row l for
+    layer l); a hard order returns the bank itself (row order[l] for layer l), so nothing is mixed.
+    In eval mode without autograd, the mixed rows are computed once and kept until a parameter
+    changes (in-place update, load, dtype or device), or the module returns to training.
+    """
+
+    def __init__(
+            self,
+            num_layers: int,
+            num_templates: int,
+            order: Optional[Sequence[int]] = None,
+            temperature: float = 1.0,
+            init_logit: float = INIT_LOGIT,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f'a schedule needs at least one layer, got num_layers={num_layers}')
+        if num_templates < 1:
+            raise ValueError(f'a mixture needs at least one template, got num_templates={num_templates}')
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f'temperature must be a positive finite number, got {temperature}')
+        self.num_layers, self.num_templates, self.temperature = num_layers, num_templates, float(temperature)
+        self._cache: Optional[Tuple[tuple, Tuple[torch.Tensor, torch.Tensor]]] = None
+        if order is not None:
+            order = [int(k) for k in order]
+            if len(order) != num_layers:
+                raise ValueError(f'an order needs one template index per layer: got {len(order)} for {num_layers} layers')
+            bad = [k for k in order if not 0 <= k < num_templates]
+            if bad:
+                raise ValueError(f'order {order} names templates {bad} outside the bank (valid: 0..{num_templates - 1})')
+            self.order: Optional[Tuple[int, ...]] = tuple(order)
+            self.register_parameter('logits', None)
+        else:
+            self.order = None
+            logits = torch.zeros(num_layers, num_templates, device=device, dtype=dtype)
+            if logits.device.type != 'meta':
+                logits[torch.arange(num_layers), torch.tensor(cyclic_order(num_layers, num_templates))] = init_logit
+            self.logits = nn.Parameter(logits)
+
+    @property
+    def is_hard(self) -> bool:
+        return self.order is not None
+
+    def rows(self) -> Tuple[int, ...]:
+        """Which row of forward()'s output each layer runs."""
+        return self.order if self.order is not None else tuple(range(self.num_layers))
+
+    def alpha(self) -> torch.Tensor:
+        """Mixture weights (L, K); one-hot rows for a hard order."""
+        if self.order is not None:
+            return F.one_hot(torch.tensor(self.order), self.num_templates).float()
+        return torch.softmax(self.logits.float() / self.temperature, dim=-1)
+
+    def argmax_order(self) -> List[int]:
+        """The template each layer leans on most: the hard order closest to this mixture."""
+        return self.alpha().argmax(-1).tolist()
+
+    def forward(self, weight: torch.Tensor, affine: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.order is not None:
+            return weight, affine
+        cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if not cacheable:
+            self._cache = None
+            alpha = torch.softmax(self.logits / self.temperature, dim=-1).to(weight.dtype)
+            return alpha @ weight, alpha @ affine
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (weight, affine, self.logits))
+        key += (torch.is_inference_mode_enabled(),)
+        if self._cache is None or self._cache[0] != key:
+            if self.logits.device.type != 'meta' and not torch.isfinite(self.logits).all():
+                raise ValueError(f'mixture logits are not finite: {self.logits.tolist()}')
+            alpha = torch.softmax(self.logits / self.temperature, dim=-1).to(weight.dtype)
+            self._cache = (key, (alpha @ weight, alpha @ affine))
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        logits = state_dict.get(prefix + 'logits')
+        if logits is not None and logits.device.type != 'meta' and not torch.isfinite(logits).all():
+            raise ValueError(f'checkpoint holds non-finite mixture logits at {prefix}logits: {logits.tolist()}')
+        self._cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):  # deepcopy / pickle: the cache is derived state
+        return {**self.__dict__, '_cache': None}
+
+    def extra_repr(self) -> str:
+        kind = f'order={list(self.order)}' if self.order is not None else f'temperature={self.temperature}'
+        return f'num_layers={self.num_layers}, num_templates={self.num_templates}, {kind}'
+
+
+def _scheduled_templates(mixture: Mixture) -> List[int]:
+    if mixture.logits is not None and mixture.logits.device.type == 'meta':
+        return cyclic_order(mixture.num_layers, mixture.num_templates)
+    return mixture.argmax_order()
+
+
+class Schedule(nn.Module):
+    """The executed layers of one bank: a mixture, and per layer its normalization statistics.
+
+    `layer_fn(drop_path=rate)` builds one executed layer: a module with `forward(x, params)`
+    whose parameters come from the bank and whose buffers (statistics) are its own.
+    """
+
+    def __init__(
+            self,
+            layer_fn: Callable[..., nn.Module],
+            mixture: Mixture,
+            drop_path_rates: Optional[Sequence[float]] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        self.layer_fn = layer_fn
+        self.mixture = mixture
+        rates = list(drop_path_rates) if drop_path_rates is not None else [0.] * mixture.num_layers
+        if len(rates) != mixture.num_layers:
+            raise ValueError(f'{len(rates)} drop-path rates given for {mixture.num_layers} layers')
+        self.layers = nn.ModuleList([layer_fn(drop_path=r, device=device, dtype=dtype) for r in rates])
+        self.grad_checkpointing = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            bank: TemplateBank,
+            take: Sequence[int] = (),
+            end: Optional[int] = None,
+    ):
+        """Run the layers (the first `end` of them, if given); with `take`, also return those layers' outputs."""
+        weight, affine = self.mixture(bank.weight, bank.affine)
+        weight, affine = weight.unbind(0), affine.unbind(0)
+        rows = self.mixture.rows()
+        intermediates = []
+        for l, layer in enumerate(self.layers[:end]):
+            params = bank.unflatten(weight[rows[l]], affine[rows[l]])
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(layer, x, params, use_reentrant=False)
+            else:
+                x = layer(x, params)
+            if l in take:
+                intermediates.append(x)
+        return (x, intermediates) if take else x
+
+    @torch.no_grad()
+    def reschedule(
+            self,
+            num_layers: Optional[int] = None,
+            order: Optional[Sequence[int]] = None,
+            temperature: Optional[float] = None,
+            drop_path_rates: Optional[Sequence[float]] = None,
+    ) -> None:
+        """Change depth and/or order; the bank is untouched.
+
+        A new layer starts from the statistics of the first old layer that ran the same template
+        (mostly), so a warm-started network keeps working when it is made deeper.
+        """
+        num_layers = len(order) if order is not None else (num_layers or self.num_layers)
+        stats = next(self.layers[0].buffers())  # device and dtype of the layers' statistics
+        dd = dict(device=stats.device, dtype=stats.dtype)
+        old = self.mixture
+        mixture = Mixture(
+            num_layers, old.num_templates, order=order,
+            temperature=old.temperature if temperature is None else temperature, **dd)
+        old_templates, new_templates = _scheduled_templates(old), _scheduled_templates(mixture)
+        rates = list(drop_path_rates) if drop_path_rates is not None else [0.] * num_layers
+        layers = []
+        for l in range(num_layers):
+            layer = self.layer_fn(drop_path=rates[l], **dd)
+            if new_templates[l] in old_templates:
+                layer.load_state_dict(self.layers[old_templates.index(new_templates[l])].state_dict())
+            layers.append(layer)
+        self.mixture = mixture.train(self.training)
+        self.layers = nn.ModuleList(layers).train(self.training)
+
+    def truncate(self, num_layers: int) -> None:
+        """Keep only the first `num_layers` layers (and their mixture rows), e.g. to prune for features."""
+        old = self.mixture
+        mixture = Mixture(
+            num_layers, old.num_templates, order=None if old.order is None else old.order[:num_layers],
+            temperature=old.temperature, device=old.logits.device if old.logits is not None else None,
+            dtype=old.logits.dtype if old.logits is not None else None)
+        if old.logits is not None:
+            mixture.logits = nn.Parameter(old.logits.detach()[:num_layers].clone(), old.logits.requires_grad)
+        self.mixture = mixture.train(self.training)
+        self.layers = self.layers[:num_layers]

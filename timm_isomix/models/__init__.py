@@ -1,0 +1,3 @@
+"""isomix model families, registered with timm on import."""
+from .resnet import IsoMixResNet
+from .isometric import IsoMixNet

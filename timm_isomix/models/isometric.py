@@ -1,0 +1,262 @@
+"""Isometric isomix nets: the trunk of "Compositional Models" (Zhmoginov, Bashkirova, Sandler, 2021).
+
+Paper: https://arxiv.org/abs/2106.02626
+
+A patchifying stem (conv with kernel = stride = patch size, BN, act) brings the image to a
+constant width and resolution; then one bank of K residual templates (timm's BasicBlock shape)
+and L executed layers, each a mixture of the templates. L and the order are free at a fixed
+parameter count. Variants are named `isomix_iso_<width>_<depth>_p<patch>`; K = depth / 2.
+"""
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import DropPath, create_classifier, get_act_layer, get_device_dtype
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..bank import Mixture, Schedule, TemplateBank
+from ..blocks import BasicLayer
+from .resnet import Order, normalize_order
+
+__all__ = ['IsoMixNet']
+
+
+class IsoMixNet(nn.Module):
+    """Patch stem, then L layers over one bank of K BasicBlock templates at constant width."""
+
+    def __init__(
+            self,
+            width: int = 256,
+            depth: int = 16,
+            num_templates: int = 8,
+            patch_size: int = 2,
+            reuse: Optional[int] = None,
+            order: Order = None,
+            temperature: float = 1.0,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            width: channels of the trunk.
+            depth: executed layers L (ignored when `reuse` or `order` is given).
+            num_templates: templates K in the bank.
+            patch_size: kernel and stride of the stem.
+            reuse: executed layers per template, L = reuse * K, in the cyclic order.
+            order: a hard order, one template index per executed layer (L = its length).
+            temperature: softmax temperature of the mixture.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if reuse is not None:
+            if int(reuse) < 1:
+                raise ValueError(f'reuse must be at least 1 (executed layers per template), got {reuse}')
+            depth = int(reuse) * num_templates
+        order = normalize_order(order, 1)[0]
+        if order is not None:
+            depth = len(order)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.drop_path_rate = drop_path_rate
+        self.patch_size = patch_size
+        self.grad_checkpointing = False
+        act_layer = get_act_layer(act_layer)
+
+        self.stem = nn.Sequential(OrderedDict([
+            ('conv', nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size, bias=False, **dd)),
+            ('bn', nn.BatchNorm2d(width, **dd)),
+            ('act', act_layer(inplace=True)),
+        ]))
+        self.bank = TemplateBank(BasicLayer.template_shapes(width), num_templates, **dd)
+        mixture = Mixture(depth, num_templates, order=order, temperature=temperature, **dd)
+        self.schedule = Schedule(partial(BasicLayer, width, act_layer=act_layer), mixture, **dd)
+        self._update_depth()
+
+        self.num_features = width
+        self.global_pool, self.head = create_classifier(width, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.init_weights(zero_init_last=zero_init_last)
+
+    def _update_depth(self) -> None:
+        """Drop-path rates and feature_info follow the number of executed layers."""
+        n = self.schedule.num_layers
+        for l, layer in enumerate(self.schedule.layers):
+            r = self.drop_path_rate * l / max(n - 1, 1)
+            layer.drop_path = DropPath(r) if r > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=self.bank.layout['conv1.weight'][2][0], reduction=self.patch_size,
+                 module=f'schedule.layers.{l}')
+            for l in range(n)]
+
+    @torch.no_grad()
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        nn.init.kaiming_normal_(self.stem.conv.weight, mode='fan_out', nonlinearity='relu')
+        if self.bank.weight.device.type != 'meta':
+            for k in range(self.bank.num_templates):
+                BasicLayer.init_template(self.bank.template(k), zero_init_last)
+
+    # --- schedule -------------------------------------------------------------------------
+    def mixtures(self) -> Dict[str, Mixture]:
+        return {'schedule': self.schedule.mixture}
+
+    def set_schedule(self, reuse: Optional[int] = None, order: Order = None, depth: Optional[int] = None) -> None:
+        """Change depth (`reuse` * K or `depth` layers, cyclic learnable logits) or set a hard order."""
+        order = normalize_order(order, 1)[0]
+        if reuse is not None:
+            if int(reuse) < 1:
+                raise ValueError(f'reuse must be at least 1 (executed layers per template), got {reuse}')
+            depth = int(reuse) * self.bank.num_templates
+        if order is not None:
+            self.schedule.reschedule(order=order)
+        elif depth is not None:
+            self.schedule.reschedule(num_layers=depth)
+        self._update_depth()
+
+    def schedule_args(self) -> Dict[str, Any]:
+        """Model kwargs (`depth` or `order`) that rebuild the current schedule with create_model()."""
+        m = self.schedule.mixture
+        return dict(order=list(m.order)) if m.is_hard else dict(depth=m.num_layers)
+
+    # --- timm model contract ------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^stem', blocks=r'^bank|^schedule' if coarse else [
+            (r'^bank', (0,)), (r'^schedule\.layers\.(\d+)', None), (r'^schedule\.mixture', (99999,))])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'schedule.mixture.logits', 'bank.affine'}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.schedule.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'head' if name_only else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.head = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.head.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the executed layers; `norm` has no effect (no final norm)."""
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        x = self.stem(x)
+        x, intermediates = self.schedule(
+            x, self.bank, take=take_indices, end=max_index + 1 if stop_early else None)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the executed layers after the last index kept (and the head)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.schedule.truncate(max_index + 1)
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.schedule(self.stem(x), self.bank)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_isomix_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoMixNet:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        IsoMixNet, variant, pretrained,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (16, 16),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.conv', 'classifier': 'head', 'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2106.02626',
+        **kwargs,
+    }
+
+
+_cfg32 = partial(_cfg, num_classes=10, input_size=(3, 32, 32), pool_size=(16, 16), crop_pct=1.0)
+
+default_cfgs = generate_default_cfgs({
+    'isomix_iso_64_8_p2': _cfg32(),
+    'isomix_iso_128_16_p2': _cfg32(),
+    'isomix_iso_192_12_p14': _cfg(),
+    'isomix_iso_256_16_p14': _cfg(),
+})
+
+
+@register_model
+def isomix_iso_64_8_p2(pretrained: bool = False, **kwargs) -> IsoMixNet:
+    """32 px inputs: width 64, 8 layers over 4 templates, 16x16 tokens."""
+    model_args = dict(width=64, depth=8, num_templates=4, patch_size=2)
+    return _create_isomix_iso('isomix_iso_64_8_p2', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def isomix_iso_128_16_p2(pretrained: bool = False, **kwargs) -> IsoMixNet:
+    """32 px inputs: width 128, 16 layers over 8 templates, 16x16 tokens."""
+    model_args = dict(width=128, depth=16, num_templates=8, patch_size=2)
+    return _create_isomix_iso('isomix_iso_128_16_p2', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def isomix_iso_192_12_p14(pretrained: bool = False, **kwargs) -> IsoMixNet:
+    """224 px inputs: width 192, 12 layers over 6 templates, 16x16 tokens."""
+    model_args = dict(width=192, depth=12, num_templates=6, patch_size=14)
+    return _create_isomix_iso('isomix_iso_192_12_p14', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def isomix_iso_256_16_p14(pretrained: bool = False, **kwargs) -> IsoMixNet:
+    """224 px inputs: width 256, 16 layers over 8 templates, 16x16 tokens."""
+    model_args = dict(width=256, depth=16, num_templates=8, patch_size=14)
+    return _create_isomix_iso('isomix_iso_256_16_p14', pretrained, **dict(model_args, **kwargs))
