@@ -44,8 +44,10 @@ def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -
         norms = {name.split('.')[0] for name in stage.bank.layout if name.startswith('bn')}
         expected |= {f'layer{i + 1}.{k + 1}.{bn}.{s}' for k in range(stage.bank.num_templates)
                      for bn in norms for s in _STATS}
-    expected |= {k for k in target if not k.startswith('stages.')}
-    given = set(state_dict)
+    # stem and head pass through as given: timm's loader adapts or drops the classifier afterwards
+    classifier = model.get_classifier(name_only=True)
+    expected |= {k for k in target if not k.startswith(('stages.', classifier + '.'))}
+    given = {k for k in state_dict if k.startswith('layer') or not k.startswith(classifier + '.')}
     missing = sorted(k for k in expected - given if not k.endswith('num_batches_tracked'))
     unexpected = sorted(k for k in given - expected if not k.endswith('num_batches_tracked'))
     if missing or unexpected:
@@ -53,9 +55,7 @@ def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -
                          f'with {len(model.stages)} stages of {[1 + s.bank.num_templates for s in model.stages]} blocks: '
                          + _key_report(missing, unexpected))
 
-    for k in target:
-        if not k.startswith('stages.'):
-            out[k] = state_dict[k]
+    out.update({k: v for k, v in state_dict.items() if not k.startswith('layer')})
     for i, stage in enumerate(model.stages):
         src, dst = f'layer{i + 1}', f'stages.{i}'
         for k in stage.first.state_dict():

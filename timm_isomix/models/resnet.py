@@ -233,8 +233,8 @@ class IsoMixResNet(nn.Module):
         return dict(
             stem=r'^conv1|bn1|maxpool',
             blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.first', None),
-                (r'^stages\.(\d+)\.(bank|schedule)', None),
+                (r'^stages\.(\d+)\.first', (0,)),
+                (r'^stages\.(\d+)\.(?:bank|schedule)', (1,)),
             ],
         )
 

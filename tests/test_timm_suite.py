@@ -1,0 +1,157 @@
+"""timm's own model tests (tests/test_models.py of the pinned timm release), run on every isomix model and tag.
+
+timm's file parametrizes its tests over timm's registry at import time, and its forward_intermediates
+tests only over timm's own modules, so this file loads it as a library and calls each per-model test
+function for the isomix models. The file is taken from the timm source release on the package registry
+(`pip download timm==VERSION --no-binary :all:`), cached, never committed. `$TIMM_SRC` may point at an
+unpacked timm source tree instead.
+
+Pretrained tags hold timm's ResNet weights (warm start). With no network, the Hugging Face cache is
+filled with stand-in weights of the same architecture (random, saved as timm publishes them, as
+model.safetensors) and the hub is set offline: the whole loading path (hub cache, conversion filter,
+classifier and in_chans adaptation) runs, only the numbers in the weights are not the published ones.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+
+import timm_isomix  # noqa: F401  (registers the models)
+
+MODELS = timm.list_models('isomix_*')
+TAGS = timm.list_models('isomix_*', pretrained=True)
+TAGGED = [t for t in timm.list_models('isomix_*', include_tags=True) if '.' in t]
+
+
+def _timm_tests_dir() -> Path:
+    if os.environ.get('TIMM_SRC'):
+        return Path(os.environ['TIMM_SRC']) / 'tests'
+    cache = Path(os.environ.get('ISOMIX_CACHE') or Path.home() / '.cache' / 'timm-isomix') / f'timm-src-{timm.__version__}'
+    tests = cache / f'timm-{timm.__version__}' / 'tests'
+    if not (tests / 'test_models.py').is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:', '-d', str(cache),
+               f'timm=={timm.__version__}']
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        archives = list(cache.glob(f'timm-{timm.__version__}.tar.gz'))
+        if res.returncode != 0 or not archives:
+            pytest.skip(f'cannot fetch timm {timm.__version__} source release for its tests: {res.stderr.strip()[-300:]}')
+        with tarfile.open(archives[0]) as tar:
+            tar.extractall(cache, filter='data')
+    return tests
+
+
+@pytest.fixture(scope='module')
+def timm_tests():
+    """timm's tests/test_models.py, imported as a module (not collected by pytest)."""
+    path = _timm_tests_dir() / 'test_models.py'
+    spec = importlib.util.spec_from_file_location('timm_release_test_models', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def stand_in_hub(tmp_path_factory):
+    """An offline Hugging Face cache holding, for every tag, weights shaped like the ones timm publishes."""
+    import huggingface_hub.constants as hf_constants
+    from safetensors.torch import save_file
+    from timm.models import get_pretrained_cfg
+
+    cache = tmp_path_factory.mktemp('hf-cache')
+    for tag in TAGS:
+        repo_id = get_pretrained_cfg(tag).hf_hub_id
+        source = repo_id.split('/', 1)[1].split('.')[0]  # timm/resnet50.a1_in1k -> resnet50
+        snapshot = cache / f"models--{repo_id.replace('/', '--')}" / 'snapshots' / ('0' * 40)
+        if snapshot.exists():
+            continue
+        snapshot.mkdir(parents=True)
+        (snapshot.parent.parent / 'refs').mkdir()
+        (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
+        torch.manual_seed(0)
+        save_file(timm.create_model(source).state_dict(), str(snapshot / 'model.safetensors'))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
+    patch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    yield cache
+    patch.undo()
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_model_forward(timm_tests, model_name):
+    timm_tests.test_model_forward(model_name, 1)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_model_backward(timm_tests, model_name):
+    timm_tests.test_model_backward(model_name, 2)
+
+
+@pytest.mark.parametrize('model_name', MODELS + TAGGED)
+def test_timm_model_default_cfgs(timm_tests, model_name):
+    timm_tests.test_model_default_cfgs(model_name, 1, 'meta')
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_model_forward_features(timm_tests, model_name):
+    timm_tests.test_model_forward_features(model_name, 1)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_model_forward_intermediates_features(timm_tests, model_name):
+    timm_tests.test_model_forward_intermediates_features(model_name, 1)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_model_forward_intermediates(timm_tests, model_name):
+    timm_tests.test_model_forward_intermediates(model_name, 1)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_prune_intermediate_layers_contract(timm_tests, model_name):
+    timm_tests.test_prune_intermediate_layers_contract(model_name)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_prune_intermediate_layers_params_used(timm_tests, model_name):
+    timm_tests.test_prune_intermediate_layers_params_used(model_name)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_head_hidden_size(timm_tests, model_name):
+    timm_tests.test_head_hidden_size(model_name, {})
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_model_forward_fx(timm_tests, model_name):
+    timm_tests.test_model_forward_fx(model_name, 1)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_model_backward_fx(timm_tests, model_name):
+    timm_tests.test_model_backward_fx(model_name, 2)
+
+
+@pytest.mark.parametrize('model_name', TAGS)
+def test_timm_model_load_pretrained(timm_tests, stand_in_hub, model_name):
+    timm_tests.test_model_load_pretrained(model_name, 1)
+
+
+@pytest.mark.parametrize('model_name', TAGS)
+def test_timm_model_features_pretrained(timm_tests, stand_in_hub, model_name):
+    timm_tests.test_model_features_pretrained(model_name, 1)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_timm_torchscript_is_not_supported_and_says_why(timm_tests, model_name):
+    """TorchScript cannot script the schedule (dicts of parameter views built per call); torch.compile and
+    torch.export are the supported paths and are tested in test_compile.py. This pins down that scripting fails
+    loudly rather than silently producing a wrong model."""
+    with pytest.raises(Exception):
+        timm_tests.test_model_forward_torchscript(model_name, 1)
