@@ -21,6 +21,7 @@ from timm.models._features import feature_take_indices
 
 from ..bank import Mixture, Schedule, TemplateBank
 from ..blocks import BasicLayer
+from ..hub import pretrained_kwargs, published_cfg
 from .resnet import Order, normalize_order
 
 __all__ = ['IsoMixNet']
@@ -209,7 +210,7 @@ def _create_isomix_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoM
     return build_model_with_cfg(
         IsoMixNet, variant, pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
+        **pretrained_kwargs(variant, pretrained, kwargs),  # hub.py: weights found, checked (safetensors)
     )
 
 
@@ -231,6 +232,10 @@ default_cfgs = generate_default_cfgs({
     'isomix_iso_128_16_p2': _cfg32(),
     'isomix_iso_192_12_p14': _cfg(),
     'isomix_iso_256_16_p14': _cfg(),
+    # tags for weights published with timm_isomix.publish to $TIMM_ISOMIX_HUB_ORG (see hub.py);
+    # none is published yet: loading one says so and names the publish command
+    'isomix_iso_64_8_p2.cifar10': published_cfg('isomix_iso_64_8_p2', 'cifar10', _cfg32()),
+    'isomix_iso_128_16_p2.cifar10': published_cfg('isomix_iso_128_16_p2', 'cifar10', _cfg32()),
 })
 
 

@@ -331,11 +331,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: IsoMixResNe
 
 
 def _create_isomix_resnet(variant: str, pretrained: bool = False, **kwargs) -> IsoMixResNet:
+    from ..hub import pretrained_kwargs  # weights found and checked (safetensors) before timm loads them
     return build_model_with_cfg(
         IsoMixResNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter'),  # layers reuse modules: features come from forward_intermediates
-        **kwargs,
+        **pretrained_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn),
     )
 
 

@@ -1,0 +1,330 @@
+"""Loading isomix weights from the Hugging Face Hub, a folder or a file: published tags and safety checks.
+
+Three things live here, used by the model factories (`models/*.py`) when `pretrained=True`:
+
+* **Published tags.** `published_cfg()` builds the pretrained cfg of a tag whose weights are published
+  with `python -m timm_isomix.publish`; its `hf_hub_id` is `<org>/<model>.<tag>`, the org read from
+  `$TIMM_ISOMIX_HUB_ORG` (default `timm-isomix`) when the weights are loaded. When the repository or its
+  weight file does not exist, loading raises `WeightsNotPublishedError`, naming the publish command.
+  When it exists, its `config.json` supplies the schedule (`model_args`) and the data config.
+* **Safety.** Weights are read from safetensors files. Pickled files (`.bin`, `.pth`, ...) are refused
+  unless allowed, per call with `with allow_pickled_weights(): ...` or for the process with
+  `TIMM_ISOMIX_ALLOW_PICKLE=1` (even then they are read with `torch.load(weights_only=True)`).
+* **Clear errors.** A truncated or corrupted weight file, or weights that do not fit the model
+  (another architecture, another schedule), raise `PretrainedWeightsError` naming the file and the problem.
+
+The sources are timm's: `hf-hub:ORG/NAME` and `local-dir:PATH` model names, a tag's `hf_hub_id`,
+and `pretrained_cfg_overlay=dict(file=...)`. The weights are checked here, then timm loads them as usual
+(`load_pretrained` adapts the classifier and input channels).
+"""
+import contextlib
+import json
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+__all__ = [
+    'ORG_ENV', 'DEFAULT_ORG', 'ALLOW_PICKLE_ENV', 'PretrainedWeightsError', 'WeightsNotPublishedError',
+    'PickledWeightsError', 'hub_org', 'published_repo_id', 'published_cfg', 'publish_command',
+    'allow_pickled_weights', 'pickled_weights_allowed', 'check_weights_file', 'check_state_dict',
+    'pretrained_kwargs',
+]
+
+ORG_ENV = 'TIMM_ISOMIX_HUB_ORG'
+DEFAULT_ORG = 'timm-isomix'
+ALLOW_PICKLE_ENV = 'TIMM_ISOMIX_ALLOW_PICKLE'
+SAFE_WEIGHTS_NAME = 'model.safetensors'
+# pickled names timm looks for in a Hub repository or folder, in its order of preference
+PICKLED_WEIGHTS_NAMES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+PICKLED_SUFFIXES = ('.bin', '.pth', '.pt', '.pth.tar', '.ckpt', '.pkl')
+
+# (model name, tag) -> hf_hub_id as written into the registry at import time
+_PUBLISHED: Dict[Tuple[str, str], str] = {}
+_allow_pickle: ContextVar[bool] = ContextVar('timm_isomix_allow_pickle', default=False)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights that cannot be used: unreadable, unsafe or not fitting the model."""
+
+
+class WeightsNotPublishedError(PretrainedWeightsError):
+    """The Hub repository (or its weight file) of a pretrained tag does not exist."""
+
+
+class PickledWeightsError(PretrainedWeightsError):
+    """Pickled weights were found but pickles are not allowed."""
+
+
+# --- published tags -----------------------------------------------------------------------------
+def hub_org() -> str:
+    """The Hub org holding published isomix weights: `$TIMM_ISOMIX_HUB_ORG`, else `timm-isomix`."""
+    return os.environ.get(ORG_ENV) or DEFAULT_ORG
+
+
+def published_repo_id(model_name: str, tag: str, org: Optional[str] = None) -> str:
+    """`<org>/<model_name>.<tag>`, the Hub repository of a published tag."""
+    return f'{org or hub_org()}/{model_name}.{tag}'
+
+
+def publish_command(repo_id: str) -> str:
+    return f'python -m timm_isomix.publish CHECKPOINT --repo-id {repo_id}'
+
+
+def published_cfg(model_name: str, tag: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The registry cfg of tag `model_name.tag` whose weights are published by timm_isomix.publish.
+
+    `cfg` is the model's base cfg (input size, normalisation, classes). The org is resolved again when
+    the weights are loaded, so setting `$TIMM_ISOMIX_HUB_ORG` after `import timm_isomix` works too.
+    """
+    repo_id = published_repo_id(model_name, tag)
+    _PUBLISHED[(model_name, tag)] = repo_id
+    return dict(cfg, hf_hub_id=repo_id, notes=(
+        f'published with `{publish_command("<org>/" + model_name + "." + tag)}`; '
+        f'the org is ${ORG_ENV} (default {DEFAULT_ORG})',))
+
+
+# --- pickles --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def allow_pickled_weights(allow: bool = True) -> Iterator[None]:
+    """Within this block, pretrained weights may come from pickled files (loaded with weights_only=True)."""
+    token = _allow_pickle.set(allow)
+    try:
+        yield
+    finally:
+        _allow_pickle.reset(token)
+
+
+def pickled_weights_allowed() -> bool:
+    """True inside `allow_pickled_weights()` or when `$TIMM_ISOMIX_ALLOW_PICKLE` is 1/true/yes."""
+    return _allow_pickle.get() or os.environ.get(ALLOW_PICKLE_ENV, '').lower() in ('1', 'true', 'yes')
+
+
+def _refuse_pickle(path: str) -> None:
+    if not pickled_weights_allowed():
+        raise PickledWeightsError(
+            f'{path}: pickled weights are refused (unpickling can run code). Use the safetensors file, '
+            f'or, if you trust it, allow pickles with `with timm_isomix.hub.allow_pickled_weights(): '
+            f'timm.create_model(...)` or {ALLOW_PICKLE_ENV}=1.')
+
+
+# --- files ------------------------------------------------------------------------------------------
+def check_weights_file(path: str) -> None:
+    """Raise PretrainedWeightsError naming `path` when it is missing, unsafe, truncated or corrupted.
+
+    A safetensors file is opened and its header checked against the file size (this catches truncation
+    and damaged headers; damaged tensor bytes inside an intact file cannot be detected without a hash).
+    A pickled file is refused unless pickles are allowed, else read once with weights_only=True.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PretrainedWeightsError(f'{path}: no such weight file')
+    if p.name.endswith('.safetensors'):
+        try:
+            with safe_open(str(p), framework='pt') as f:
+                if not list(f.keys()):
+                    raise PretrainedWeightsError(f'{path}: the safetensors file holds no tensors')
+        except SafetensorError as e:
+            raise PretrainedWeightsError(
+                f'{path}: not a valid safetensors file, truncated or corrupted ({e})') from e
+        return
+    _refuse_pickle(str(p))
+    try:
+        torch.load(str(p), map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged zip or pickle stream
+        raise PretrainedWeightsError(f'{path}: cannot read the pickled weights, truncated or corrupted ({e})') from e
+
+
+def _weights_in_folder(folder: Path) -> str:
+    """The weight file of a folder written by timm's save_for_hf (safetensors first)."""
+    if not folder.is_dir():
+        raise PretrainedWeightsError(f'{folder}: not a folder')
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        return str(folder / SAFE_WEIGHTS_NAME)
+    safes = sorted(folder.glob('*.safetensors'))
+    if safes:
+        return str(safes[0])
+    pickled = [folder / n for n in PICKLED_WEIGHTS_NAMES if (folder / n).is_file()]
+    pickled += sorted(p for p in folder.iterdir() if p.name.endswith(PICKLED_SUFFIXES) and p not in pickled)
+    if pickled:
+        return str(pickled[0])  # check_weights_file refuses it unless pickles are allowed
+    raise PretrainedWeightsError(f'{folder}: no weight file ({SAFE_WEIGHTS_NAME} or a pickled one) in this folder')
+
+
+def _hub_download(repo_id: str, filename: str, cache_dir: Optional[str]) -> Optional[str]:
+    """Download `filename` of `repo_id` (`ORG/NAME[@revision]`); None when the repo or file does not exist.
+
+    Connection errors and gated repositories propagate: they do not mean "not published".
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    name, _, revision = repo_id.partition('@')
+    try:
+        return hf_hub_download(name, filename, revision=revision or None, cache_dir=cache_dir)
+    except GatedRepoError:
+        raise
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+        return None
+
+
+def _not_published(repo_id: str, what: str) -> WeightsNotPublishedError:
+    from huggingface_hub import constants
+    return WeightsNotPublishedError(
+        f'the weights of {repo_id} are not published: {what} at {constants.ENDPOINT}. Publish a train.py '
+        f'checkpoint with `{publish_command(repo_id.partition("@")[0])}`, or set {ORG_ENV} to the org '
+        f'that holds them.')
+
+
+def _hub_weights(repo_id: str, filename: Optional[str], cache_dir: Optional[str]) -> str:
+    """Local path of the weight file of a Hub repository: safetensors, else a pickled one if allowed."""
+    from huggingface_hub import file_exists
+    names = [filename] if filename else [SAFE_WEIGHTS_NAME, *PICKLED_WEIGHTS_NAMES]
+    name, _, revision = repo_id.partition('@')
+    for filename in names:
+        if filename.endswith(PICKLED_SUFFIXES) and not pickled_weights_allowed():
+            # a pickle is not downloaded unless allowed; when it exists, the refusal names it
+            if file_exists(name, filename, revision=revision or None):
+                _refuse_pickle(f'{repo_id}/{filename}')
+            continue
+        path = _hub_download(repo_id, filename, cache_dir)
+        if path is not None:
+            return path
+    raise _not_published(repo_id, f'no repository or no {" / ".join(names)} in it')
+
+
+# --- state dicts ------------------------------------------------------------------------------------
+def check_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: torch.nn.Module,
+        source: str,
+        skip: Tuple[str, ...] = (),
+) -> None:
+    """Raise PretrainedWeightsError naming `source` when the keys or shapes do not fit `model`.
+
+    `skip` lists key prefixes timm adapts itself (a classifier of another size, the first conv's channels).
+    """
+    target = model.state_dict()
+
+    def skipped(k):
+        return any(k == s or k.startswith(s + '.') for s in skip)
+
+    missing = sorted(k for k in target if k not in state_dict and not skipped(k) and not k.endswith('num_batches_tracked'))
+    unexpected = sorted(k for k in state_dict if k not in target and not skipped(k))
+    shapes = sorted(
+        f'{k} {tuple(state_dict[k].shape)} vs {tuple(target[k].shape)}'
+        for k in state_dict if k in target and not skipped(k) and tuple(state_dict[k].shape) != tuple(target[k].shape))
+    if not (missing or unexpected or shapes):
+        return
+
+    def show(items: List[str]) -> str:
+        return ', '.join(items[:6]) + (f', ... ({len(items)} in all)' if len(items) > 6 else '')
+    arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    schedule = model.schedule_args() if hasattr(model, 'schedule_args') else {}
+    problems = [f'{name}: [{show(items)}]' for name, items in (
+        ('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches (file vs model)', shapes))
+        if items]
+    raise PretrainedWeightsError(
+        f'{source}: the weights do not fit {arch} with schedule {schedule} (weights of another architecture '
+        f'or schedule?); ' + '; '.join(problems))
+
+
+def _checked_filter(source: str, cfg: Dict[str, Any], filter_fn: Optional[Callable]) -> Callable:
+    """The model's filter (e.g. ResNet conversion), then the fit check naming the weight file."""
+    def fn(state_dict, model):
+        if filter_fn is not None:
+            state_dict = filter_fn(state_dict, model)
+        skip = []
+        classifier = cfg.get('classifier')
+        if classifier and getattr(model, 'num_classes', None) != cfg.get('num_classes'):
+            skip.append(classifier)  # timm replaces a classifier of another size
+        first_conv = cfg.get('first_conv')
+        if first_conv and getattr(model, 'in_chans', 3) != cfg.get('input_size', (3,))[0]:
+            skip.append(first_conv)  # timm adapts the input channels
+        check_state_dict(state_dict, model, source, skip=tuple(skip))
+        return state_dict
+    return fn
+
+
+def _apply_published_config(repo_id: str, cfg: Dict[str, Any], kwargs: Dict[str, Any], cache_dir) -> None:
+    """Take the schedule and data config of a published tag from its config.json (explicit kwargs win)."""
+    path = _hub_download(repo_id, 'config.json', cache_dir)
+    if path is None:
+        raise _not_published(repo_id, 'no repository or no config.json in it')
+    try:
+        config = json.loads(Path(path).read_text(encoding='utf-8'))
+    except ValueError as e:
+        raise PretrainedWeightsError(f'{repo_id}/config.json: not valid JSON ({e})') from e
+    if config.get('architecture') != cfg.get('architecture'):
+        raise PretrainedWeightsError(
+            f'{repo_id}/config.json: published for architecture {config.get("architecture")!r}, '
+            f'not {cfg.get("architecture")!r}')
+    for k, v in (config.get('model_args') or {}).items():
+        kwargs.setdefault(k, v)
+    published = config.get('pretrained_cfg') or {}
+    for k in ('input_size', 'test_input_size', 'crop_pct', 'test_crop_pct', 'crop_mode', 'interpolation',
+              'mean', 'std', 'num_classes', 'label_names', 'label_descriptions', 'pool_size'):
+        if k in published:
+            cfg[k] = tuple(published[k]) if isinstance(published[k], list) and k != 'label_names' else published[k]
+
+
+def pretrained_kwargs(
+        variant: str,
+        pretrained: bool,
+        kwargs: Dict[str, Any],
+        filter_fn: Optional[Callable] = None,
+) -> Dict[str, Any]:
+    """Kwargs for timm's `build_model_with_cfg`, with the pretrained weights located and checked.
+
+    When `pretrained`, the weights timm would load (hf-hub / local-dir / file / tag) are found and checked
+    (safetensors, or a pickle only if allowed; not truncated), and timm is pointed at that local file. A
+    published tag also takes its schedule from its config.json. The fit of the weights to the built model
+    is checked by the returned `pretrained_filter_fn` (after `filter_fn`). Raises PretrainedWeightsError.
+    """
+    kwargs = dict(kwargs)
+    if not pretrained:
+        return dict(kwargs, pretrained_filter_fn=filter_fn)
+    from timm.models import resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(
+        variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None)).to_dict()
+    cache_dir = kwargs.get('cache_dir')
+    source = cfg.get('source') or ''
+    hub_id = cfg.get('hf_hub_id')
+    if hub_id and source != 'hf-hub':
+        # a published tag: resolve its org now, so that $TIMM_ISOMIX_HUB_ORG set after import counts
+        tag = cfg.get('tag') or ''
+        if _PUBLISHED.get((variant, tag)) == hub_id:
+            hub_id = cfg['hf_hub_id'] = published_repo_id(variant, tag)
+            if not (cfg.get('file') or cfg.get('state_dict') is not None):
+                _apply_published_config(hub_id, cfg, kwargs, cache_dir)
+
+    if source == 'hf-hub':
+        path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
+    elif source == 'local-dir':
+        path = _weights_in_folder(Path(cfg['file']))
+    elif cfg.get('state_dict') is not None:
+        path = None  # an in-memory state dict: nothing to read, only the fit to check
+    elif cfg.get('file'):
+        path = _weights_in_folder(Path(cfg['file'])) if Path(cfg['file']).is_dir() else cfg['file']
+    elif hub_id:
+        path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
+    elif cfg.get('url'):
+        from timm.models._hub import download_cached_file  # timm's own cached URL download
+        path = download_cached_file(cfg['url'], cache_dir=cache_dir)
+    else:
+        from timm import list_pretrained
+        tags = [t for t in list_pretrained(f'{variant}.*')]
+        raise PretrainedWeightsError(
+            f'{variant} (tag {cfg.get("tag") or "none"!r}) has no pretrained weights; tags with weights: '
+            f'{tags or "none"}. Use a tagged name, hf-hub:ORG/NAME, local-dir:PATH or '
+            f'pretrained_cfg_overlay=dict(file=...).')
+
+    if path is not None:
+        check_weights_file(path)
+        # timm loads the checked local file (its 'file' source); where it came from stays in the cfg
+        cfg.update(file=str(path), source='file', url=None, state_dict=None)
+    source_name = str(path) if path is not None else 'the in-memory state_dict'
+    return dict(kwargs, pretrained_cfg=cfg, pretrained_filter_fn=_checked_filter(source_name, cfg, filter_fn))
