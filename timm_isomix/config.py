@@ -1,0 +1,285 @@
+"""Command-line and YAML configuration of train.py, with timm's flag names and meanings.
+
+Flags are spelled as in timm's own `train.py` (a timm hparams YAML uses the flag's `dest` as key,
+e.g. `batch_size`, `model_ema_decay`), so a timm recipe runs unchanged. Unlike timm, a YAML key
+that is not a flag, or a value of the wrong type, is an error rather than silently ignored. Keys that
+older timm versions wrote into `args.yaml` but that no longer change anything (`apex_amp`,
+`native_amp`, `bn_tf`, ...) are accepted when they hold their inert value.
+
+Flags added for isomix: `--mixture-lr-mult`, `--tasks`, `--overwrite`.
+"""
+import argparse
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+from timm.utils import ParseKwargs
+
+__all__ = ['ConfigError', 'build_train_parser', 'parse_train_args', 'check_config', 'load_config']
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix: reported as one line, exit status 2."""
+
+
+# Keys written by older timm versions' args.yaml that the current timm train.py no longer has:
+# accepted when they hold the value that changes nothing, so old recipes run unchanged.
+LEGACY_KEYS = {
+    'apex_amp': False, 'native_amp': False, 'bn_tf': False, 'no_ddp_bb': False, 'tta': 0,
+    'local_rank': 0, 'save_images': False, 'log_wandb': False, 'torchscript': False,
+    'fuser': '', 'fast_norm': False, 'split_bn': False, 'jsd_loss': False, 'aug_splits': 0,
+    'dataset_download': False, 'use_multi_epochs_loader': False, 'recovery_interval': 0,
+    'epoch_repeats': 0., 'drop_connect': None, 'dataset_trust_remote_code': False,
+}
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """train.py's parser: timm's train.py flags this trainer supports, plus the isomix ones."""
+    p = argparse.ArgumentParser(
+        description='Train an isomix (or any timm) model with timm\'s data, optim, scheduler and utils.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML config whose keys set the flags\' defaults')
+    g = p.add_argument_group('Dataset')
+    g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+    g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>"), "" = folder')
+    g.add_argument('--train-split', metavar='NAME', default='train')
+    g.add_argument('--val-split', metavar='NAME', default='validation', help='"" to skip evaluation')
+    g.add_argument('--train-num-samples', type=int, default=None, metavar='N')
+    g.add_argument('--val-num-samples', type=int, default=None, metavar='N')
+    g.add_argument('--class-map', default='', type=str, metavar='FILENAME')
+    g.add_argument('--input-img-mode', default=None, type=str)
+    g.add_argument('--input-key', default=None, type=str)
+    g.add_argument('--target-key', default=None, type=str)
+
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default=None, type=str, metavar='MODEL',
+                   help='model name (default: the --resume checkpoint\'s, else resnet50)')
+    g.add_argument('--pretrained', action='store_true', default=False)
+    g.add_argument('--pretrained-path', default=None, type=str)
+    g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH')
+    g.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model, EMA, optimizer, scheduler, epoch')
+    g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--num-classes', type=int, default=None, metavar='N')
+    g.add_argument('--gp', default=None, type=str, metavar='POOL')
+    g.add_argument('--img-size', type=int, default=None, metavar='N')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N')
+    g.add_argument('--crop-pct', default=None, type=float, metavar='N')
+    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    g.add_argument('--interpolation', default='', type=str, metavar='NAME')
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    g.add_argument('--channels-last', action='store_true', default=False)
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
+    g.add_argument('--grad-checkpointing', action='store_true', default=False)
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--head-init-scale', default=None, type=float)
+    g.add_argument('--head-init-bias', default=None, type=float)
+
+    g = p.add_argument_group('Device & distributed')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
+    g.add_argument('--torchcompile-mode', type=str, default=None)
+    g.add_argument('--device', default=None, type=str,
+                   help='device ("cuda", "cpu", ...); default: cuda when available, else cpu')
+    g.add_argument('--dist-backend', default=None, type=str, help='default: nccl on CUDA, gloo otherwise')
+    g.add_argument('--dist-url', default='env://', type=str)
+    g.add_argument('--amp', action='store_true', default=False, help='mixed precision (autocast)')
+    g.add_argument('--amp-dtype', default='float16', type=str, choices=['float16', 'bfloat16'])
+    g.add_argument('--synchronize-step', action='store_true', default=False)
+
+    g = p.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER')
+    g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    g.add_argument('--clip-mode', type=str, default='norm', choices=['norm', 'value', 'agc'])
+    g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--mixture-lr-mult', type=float, default=1.0,
+                   help='isomix: learning-rate multiplier of the mixture logits (their own group, no weight decay)')
+
+    g = p.add_argument_group('Learning rate schedule')
+    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
+    g.add_argument('--sched-on-updates', action='store_true', default=False)
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='default: --lr-base scaled by batch size')
+    g.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='"linear" or "sqrt"; "" = by optimizer')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    g.add_argument('--lr-cycle-limit', type=int, default=1)
+    g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0)
+    g.add_argument('--epochs', type=int, default=300, metavar='N')
+    g.add_argument('--start-epoch', default=None, type=int, metavar='N')
+    g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES')
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', action='store_true', default=False)
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+
+    g = p.add_argument_group('Augmentation and regularization')
+    g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--train-crop-mode', type=str, default=None)
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO')
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--color-jitter-prob', type=float, default=None)
+    g.add_argument('--grayscale-prob', type=float, default=None)
+    g.add_argument('--gaussian-blur-prob', type=float, default=None)
+    g.add_argument('--aa', type=str, default=None, metavar='NAME', help='AutoAugment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--aug-repeats', type=float, default=0)
+    g.add_argument('--bce-loss', action='store_true', default=False)
+    g.add_argument('--bce-sum', action='store_true', default=False)
+    g.add_argument('--bce-target-thresh', type=float, default=None)
+    g.add_argument('--bce-pos-weight', type=float, default=None)
+    g.add_argument('--reprob', type=float, default=0.)
+    g.add_argument('--remode', type=str, default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--resplit', action='store_true', default=False)
+    g.add_argument('--mixup', type=float, default=0.0)
+    g.add_argument('--cutmix', type=float, default=0.0)
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N')
+    g.add_argument('--smoothing', type=float, default=0.1)
+    g.add_argument('--train-interpolation', type=str, default='random')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT')
+    g.add_argument('--drop-block', type=float, default=None, metavar='PCT')
+
+    g = p.add_argument_group('Batch norm')
+    g.add_argument('--bn-momentum', type=float, default=None)
+    g.add_argument('--bn-eps', type=float, default=None)
+    g.add_argument('--sync-bn', action='store_true', default=False)
+    g.add_argument('--dist-bn', type=str, default='reduce', choices=['broadcast', 'reduce', ''])
+
+    g = p.add_argument_group('Model EMA')
+    g.add_argument('--model-ema', action='store_true', default=False)
+    g.add_argument('--model-ema-force-cpu', action='store_true', default=False)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true', default=False)
+
+    g = p.add_argument_group('Miscellaneous')
+    g.add_argument('--seed', type=int, default=42, metavar='S')
+    g.add_argument('--worker-seeding', type=str, default='all', choices=['all', 'part'])
+    g.add_argument('--log-interval', type=int, default=50, metavar='N')
+    g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of best checkpoints to keep')
+    g.add_argument('-j', '--workers', type=int, default=4, metavar='N')
+    g.add_argument('--pin-mem', action='store_true', default=False)
+    g.add_argument('--no-prefetcher', action='store_true', default=False)
+    g.add_argument('--output', default='', type=str, metavar='PATH', help='default: ./output/train')
+    g.add_argument('--experiment', default='', type=str, metavar='NAME', help='default: date-model-size')
+    g.add_argument('--eval-metric', default='top1', type=str, choices=['top1', 'top5', 'loss'])
+    g.add_argument('--overwrite', action='store_true', default=False,
+                   help='isomix: allow training into an existing experiment directory without --resume')
+    g.add_argument('--tasks', default='', type=str, metavar='PATH',
+                   help='isomix: YAML listing tasks; trains them over one bank (timm_isomix.multitask)')
+    return p
+
+
+def _type_name(action: argparse.Action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return 'a boolean'
+    if isinstance(action, ParseKwargs):
+        return 'a mapping'
+    kind = {int: 'an integer', float: 'a number', str: 'a string'}.get(action.type, 'a string')
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        n = f'{action.nargs} ' if isinstance(action.nargs, int) else ''
+        return f'a list of {n}{kind.split(" ", 1)[1]}s'
+    return kind
+
+
+def _check_scalar(value: Any, kind) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def check_config(cfg: Dict[str, Any], parser: argparse.ArgumentParser, source: str = 'config') -> Dict[str, Any]:
+    """Validate YAML keys and value types against the parser; return the defaults to set.
+
+    Raises ConfigError naming the key and what was expected.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f'{source}: expected a mapping of flag names to values, got {type(cfg).__name__}')
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    defaults = {}
+    for key, value in cfg.items():
+        key = str(key).replace('-', '_')
+        if key not in actions:
+            if key in LEGACY_KEYS:
+                if value not in (LEGACY_KEYS[key], None):
+                    raise ConfigError(
+                        f'{source}: key {key!r}={value!r} is not supported by this train.py '
+                        f'(only {LEGACY_KEYS[key]!r} is accepted)')
+                continue
+            raise ConfigError(f'{source}: unknown key {key!r} (not a train.py flag; see train.py --help)')
+        action = actions[key]
+        if value is not None:
+            expected = _type_name(action)
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                ok = isinstance(value, bool)
+            elif isinstance(action, ParseKwargs):
+                ok = isinstance(value, dict)
+            elif action.nargs in ('+', '*') or isinstance(action.nargs, int):
+                ok = isinstance(value, (list, tuple)) and all(_check_scalar(v, action.type or str) for v in value)
+                if ok and isinstance(action.nargs, int):
+                    ok = len(value) == action.nargs
+            elif action.nargs == '?':
+                ok = _check_scalar(value, action.type or str)
+            else:
+                ok = _check_scalar(value, action.type or str)
+            if not ok:
+                raise ConfigError(f'{source}: key {key!r} must be {expected}, got {value!r}')
+            if action.choices is not None and value not in action.choices:
+                raise ConfigError(f'{source}: key {key!r} must be one of {list(action.choices)}, got {value!r}')
+        defaults[key] = value
+    return defaults
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """Read a YAML config file (ConfigError when missing or not YAML)."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f'config file not found: {path}') from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f'config file {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    return cfg or {}
+
+
+def parse_train_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse train.py's arguments: YAML config (if any) sets defaults, the command line overrides them.
+
+    Returns the namespace and the args as YAML text (for `args.yaml`).
+    """
+    parser = build_train_parser()
+    args_config, remaining = _parse_config_flag(argv)
+    if args_config:
+        parser.set_defaults(**check_config(load_config(args_config), parser, source=args_config))
+    args = parser.parse_args(remaining)
+    args.config = args_config
+    return args, yaml.safe_dump(vars(args), default_flow_style=False)
+
+
+def _parse_config_flag(argv: Optional[Sequence[str]]) -> Tuple[str, List[str]]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('-c', '--config', default='', type=str)
+    ns, remaining = pre.parse_known_args(argv)
+    return ns.config, remaining
