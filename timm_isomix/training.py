@@ -441,7 +441,8 @@ def train_one_epoch(
         update_idx, num_updates_epoch = batch_idx // accum, (num_batches + accum - 1) // accum
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=losses.avg)
-        lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') != 'mixture'] or [0.]
+        lr = sum(lrs) / len(lrs)  # the mixture group's own lr is lr * --mixture-lr-mult
         images = input.size(0) * accum * args.world_size
         eta = batch_time.avg * (num_updates_epoch - update_idx - 1)
         bar.update(f'epoch {epoch} {update_idx + 1}/{num_updates_epoch} loss {losses.val:.3f} '
@@ -536,10 +537,10 @@ def train(args: argparse.Namespace, args_text: Optional[str] = None) -> Dict[str
     Raises ConfigError for problems the user must fix (before anything is written).
     """
     device = setup_distributed(args)
-    if not is_primary(args):
-        logging.getLogger().setLevel(logging.WARNING)
     if args.distributed:
         _logger.info(f'Distributed: process {args.rank} of {args.world_size}, device {device}')
+    if not is_primary(args):
+        logging.getLogger().setLevel(logging.WARNING)
     random_seed(args.seed, args.rank)
     _check_data_dir(args)
 
@@ -733,7 +734,7 @@ def train(args: argparse.Namespace, args_text: Optional[str] = None) -> Dict[str
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, metric)
         if is_primary(args):
-            lrs = [g['lr'] for g in optimizer.param_groups]
+            lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') != 'mixture'] or [0.]
             update_summary(epoch, {'loss': train_metrics['loss']}, eval_metrics or {}, filename=summary,
                            lr=sum(lrs) / len(lrs), write_header=not os.path.exists(summary))
             log_schedule(_unwrap(model), epoch)
