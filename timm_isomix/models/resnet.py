@@ -158,7 +158,8 @@ class IsoMixResNet(nn.Module):
                 shapes = BottleneckLayer.template_shapes(outplanes, planes)
                 layer_fn = partial(BottleneckLayer, outplanes, planes, act_layer=act_layer)
             bank = TemplateBank(shapes, n - 1, **dd)
-            mixture = Mixture(reuses[i] * (n - 1), n - 1, order=orders[i], temperature=temperature, **dd)
+            num_layers = len(orders[i]) if orders[i] is not None else reuses[i] * (n - 1)
+            mixture = Mixture(num_layers, n - 1, order=orders[i], temperature=temperature, **dd)
             stages.append(BankStage(first, bank, Schedule(layer_fn, mixture, **dd)))
             inplanes = outplanes
             self.feature_info.append(dict(num_chs=outplanes, reduction=reduction, module=f'stages.{i}'))
