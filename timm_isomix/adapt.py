@@ -96,9 +96,10 @@ def reestimate_stats(model: MultiTaskIsoMix, task: str, dataset: Dataset, batch_
     for m in norms:
         saved.append(m.momentum)
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
         m.train()
-    for batch in DataLoader(dataset, batch_size=batch_size):
+    for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
+        for m in norms:  # momentum 1/(i+1): the running statistics become the average over all batches
+            m.momentum = 1. / (i + 1)
         model(_images(batch).to(device), task=task)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
