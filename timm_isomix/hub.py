@@ -250,10 +250,18 @@ def _checked_filter(source: str, cfg: Dict[str, Any], filter_fn: Optional[Callab
 
 
 def _apply_published_config(repo_id: str, cfg: Dict[str, Any], kwargs: Dict[str, Any], cache_dir) -> None:
-    """Take the schedule and data config of a published tag from its config.json (explicit kwargs win)."""
-    path = _hub_download(repo_id, 'config.json', cache_dir)
+    """Take the schedule and data config of a published tag from its config.json (explicit kwargs win).
+
+    Without a config.json (or offline without it in the cache) the registry cfg and the model's defaults
+    apply; weights of another schedule then fail the fit check with a clear error.
+    """
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        path = _hub_download(repo_id, 'config.json', cache_dir)
+    except LocalEntryNotFoundError:
+        path = None
     if path is None:
-        raise _not_published(repo_id, 'no repository or no config.json in it')
+        return
     try:
         config = json.loads(Path(path).read_text(encoding='utf-8'))
     except ValueError as e:
@@ -293,16 +301,22 @@ def pretrained_kwargs(
     cache_dir = kwargs.get('cache_dir')
     source = cfg.get('source') or ''
     hub_id = cfg.get('hf_hub_id')
+    origin = ''  # where a downloaded file came from, for the error messages
     if hub_id and source != 'hf-hub':
         # a published tag: resolve its org now, so that $TIMM_ISOMIX_HUB_ORG set after import counts
         tag = cfg.get('tag') or ''
         if _PUBLISHED.get((variant, tag)) == hub_id:
             hub_id = cfg['hf_hub_id'] = published_repo_id(variant, tag)
-            if not (cfg.get('file') or cfg.get('state_dict') is not None):
+            if not (cfg.get('file') or cfg.get('state_dict') is not None or cfg.get('url')):
+                # the weights first: their absence is the "not published" error
+                path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
                 _apply_published_config(hub_id, cfg, kwargs, cache_dir)
+                cfg.update(file=path)
+                origin = f' (from {hub_id})'
 
     if source == 'hf-hub':
         path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
+        origin = f' (from {hub_id})'
     elif source == 'local-dir':
         path = _weights_in_folder(Path(cfg['file']))
     elif cfg.get('state_dict') is not None:
@@ -311,9 +325,11 @@ def pretrained_kwargs(
         path = _weights_in_folder(Path(cfg['file'])) if Path(cfg['file']).is_dir() else cfg['file']
     elif hub_id:
         path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
+        origin = f' (from {hub_id})'
     elif cfg.get('url'):
         from timm.models._hub import download_cached_file  # timm's own cached URL download
         path = download_cached_file(cfg['url'], cache_dir=cache_dir)
+        origin = f' (from {cfg["url"]})'
     else:
         from timm import list_pretrained
         tags = [t for t in list_pretrained(f'{variant}.*')]
@@ -323,8 +339,11 @@ def pretrained_kwargs(
             f'pretrained_cfg_overlay=dict(file=...).')
 
     if path is not None:
-        check_weights_file(path)
-        # timm loads the checked local file (its 'file' source); where it came from stays in the cfg
+        try:
+            check_weights_file(path)
+        except PretrainedWeightsError as e:
+            raise type(e)(f'{e}{origin}') from e.__cause__
+        # timm loads the checked local file (its 'file' source); hf_hub_id stays in the cfg as provenance
         cfg.update(file=str(path), source='file', url=None, state_dict=None)
-    source_name = str(path) if path is not None else 'the in-memory state_dict'
+    source_name = f'{path}{origin}' if path is not None else 'the in-memory state_dict'
     return dict(kwargs, pretrained_cfg=cfg, pretrained_filter_fn=_checked_filter(source_name, cfg, filter_fn))

@@ -87,13 +87,22 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     included); MACs = FLOPs / 2.
     """
     from torch.utils.flop_counter import FlopCounterMode
-    device = next(model.parameters()).device
-    was_training = model.training
+    params = list(model.parameters())
+    device = params[0].device if params else 'cpu'
+    was_training, requires_grad = model.training, [p.requires_grad for p in params]
+    # FlopCounterMode hooks backward on module outputs; a hard order passes a template (a parameter view)
+    # through unchanged, which it cannot hook, so counting runs with gradients off
+    for p in params:
+        p.requires_grad_(False)
     model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, *input_size, device=device))
-    model.train(was_training)
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for p, r in zip(params, requires_grad):
+            p.requires_grad_(r)
     return counter.get_total_flops() // 2
 
 
