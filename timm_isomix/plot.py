@@ -25,6 +25,9 @@ def plot_mixtures(alphas: Dict[str, torch.Tensor], path: str, title: Optional[st
 
     if not alphas:
         raise ValueError('plot_mixtures needs at least one mixture')
+    for name, a in alphas.items():
+        if a.dim() != 2:
+            raise ValueError(f'alpha of mixture {name!r} must be (layers, templates), got shape {tuple(a.shape)}')
     names = list(alphas)
     fig, axes = plt.subplots(
         1, len(names), figsize=(1.2 + 1.6 * len(names) + 0.25 * sum(a.shape[1] for a in alphas.values()), 4.2),
@@ -32,8 +35,6 @@ def plot_mixtures(alphas: Dict[str, torch.Tensor], path: str, title: Optional[st
     image = None
     for ax, name in zip(axes[0], names):
         a = alphas[name].detach().float().cpu()
-        if a.dim() != 2:
-            raise ValueError(f'alpha of mixture {name!r} must be (layers, templates), got shape {tuple(a.shape)}')
         image = ax.imshow(a.numpy(), vmin=0., vmax=1., cmap='viridis', aspect='auto', interpolation='nearest')
         ax.set_title(name, fontsize=9)
         ax.set_xlabel('template')

@@ -279,7 +279,7 @@ def schedule_report(model: nn.Module) -> List[str]:
     """One line per mixture: the argmax order and each layer's entropy of alpha (nats; ln K = uniform)."""
     lines = []
     for name, a in mixture_alphas(model).items():
-        entropy = -(a * a.clamp_min(1e-12).log()).sum(-1)
+        entropy = (-(a * a.clamp_min(1e-12).log()).sum(-1)).clamp_min(0.)  # no '-0.000' for one-hot rows
         lines.append(
             f'{name}: order {a.argmax(-1).tolist()} entropy [{" ".join(f"{h:.3f}" for h in entropy.tolist())}] '
             f'(uniform = {math.log(a.shape[1]):.3f})')
@@ -689,7 +689,7 @@ def train(args: argparse.Namespace, args_text: Optional[str] = None) -> Dict[str
     if lr_scheduler is not None:
         if resume_ckpt is not None and not args.no_resume_opt and resume_ckpt.get('scheduler'):
             lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
-        elif start_epoch > 0:
+        if start_epoch > 0:  # creating the scheduler reset the groups' lr to the base values: set this epoch's
             if args.sched_on_updates:
                 lr_scheduler.step_update(start_epoch * updates_per_epoch)
             else:
