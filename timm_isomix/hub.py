@@ -250,7 +250,7 @@ def _checked_filter(source: str, cfg: Dict[str, Any], filter_fn: Optional[Callab
 
 
 def _apply_published_config(repo_id: str, cfg: Dict[str, Any], kwargs: Dict[str, Any], cache_dir) -> None:
-    """Take the schedule and data config of a published tag from its config.json (explicit kwargs win).
+    """Take the schedule and data config of a published tag from its config.json.
 
     Without a config.json (or offline without it in the cache) the registry cfg and the model's defaults
     apply; weights of another schedule then fail the fit check with a clear error.
@@ -271,7 +271,12 @@ def _apply_published_config(repo_id: str, cfg: Dict[str, Any], kwargs: Dict[str,
             f'{repo_id}/config.json: published for architecture {config.get("architecture")!r}, '
             f'not {cfg.get("architecture")!r}')
     for k, v in (config.get('model_args') or {}).items():
-        kwargs.setdefault(k, v)
+        # the published architecture args (schedule, templates) replace the variant's defaults, which cannot
+        # be told apart from explicit ones here; what timm adapts on load (classes, channels, pool) stays the caller's
+        if k in ('num_classes', 'in_chans', 'global_pool'):
+            kwargs.setdefault(k, v)
+        else:
+            kwargs[k] = v
     published = config.get('pretrained_cfg') or {}
     for k in ('input_size', 'test_input_size', 'crop_pct', 'test_crop_pct', 'crop_mode', 'interpolation',
               'mean', 'std', 'num_classes', 'label_names', 'label_descriptions', 'pool_size'):

@@ -1,0 +1,223 @@
+"""Loading isomix weights: published tags, hf-hub / local-dir / file sources, safety and clear errors.
+
+The round trip at the end goes over real HTTP on 127.0.0.1: a checkpoint is published with timm's
+push_to_hf_hub into a git repository served by olah (a Hub-compatible server from PyPI) and downloaded by
+huggingface_hub with HF_ENDPOINT pointing at it, in a fresh process with its own HF_HOME.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import timm
+from safetensors.torch import load_file, save_file
+
+import timm_isomix  # noqa: F401
+from timm_isomix import hub, publish
+
+from hubserver import OLAH_CLI, OlahHub, write_train_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def no_hub_traffic(monkeypatch):
+    """In-process tests never reach a Hub (the round trip runs its own process against the local one)."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.delenv(hub.ALLOW_PICKLE_ENV, raising=False)
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    path = write_train_checkpoint(tmp_path_factory.mktemp('run'))
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def weights(ckpt, tmp_path_factory):
+    path = tmp_path_factory.mktemp('w') / 'model.safetensors'
+    save_file(ckpt['state_dict'], str(path))
+    return path
+
+
+def _load(file, name='isomix_iso_64_8_p2', **kwargs):
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
+
+
+def _same_weights(model, state_dict):
+    return all(torch.equal(model.state_dict()[k], v) for k, v in state_dict.items())
+
+
+# --- published tags ----------------------------------------------------------------------------
+def test_published_tags_are_listed_after_the_untagged_cfg_and_name_the_default_org():
+    assert 'isomix_iso_64_8_p2.cifar10' in timm.list_models('isomix_iso_64_8_p2', include_tags=True)
+    cfg = timm.models.get_pretrained_cfg('isomix_iso_64_8_p2.cifar10')
+    assert cfg.hf_hub_id == f'{hub.DEFAULT_ORG}/isomix_iso_64_8_p2.cifar10' and cfg.num_classes == 10
+
+
+def test_published_repo_id_follows_the_org_environment_variable(monkeypatch):
+    monkeypatch.setenv(hub.ORG_ENV, 'my-lab')
+    assert hub.published_repo_id('isomix_iso_64_8_p2', 'cifar10') == 'my-lab/isomix_iso_64_8_p2.cifar10'
+
+
+def test_a_model_without_any_weights_says_so_and_lists_the_ways_to_load():
+    with pytest.raises(hub.PretrainedWeightsError, match='has no pretrained weights.*hf-hub:ORG/NAME'):
+        timm.create_model('isomix_iso_192_12_p14', pretrained=True)
+
+
+# --- files and folders --------------------------------------------------------------------------
+def test_safetensors_file_loads_identical_weights_and_a_new_classifier_size_still_loads(weights, ckpt):
+    assert _same_weights(_load(weights), ckpt['state_dict'])
+    model = _load(weights, num_classes=3)
+    assert model.num_classes == 3
+    assert _same_weights(model, {k: v for k, v in ckpt['state_dict'].items() if not k.startswith('head.')})
+
+
+def test_pickled_weights_are_refused_by_default_and_load_when_allowed(ckpt, tmp_path, monkeypatch):
+    path = tmp_path / 'weights.pth'
+    torch.save(ckpt['state_dict'], path)
+    with pytest.raises(hub.PickledWeightsError, match=f'{path}: pickled weights are refused.*allow_pickled_weights'):
+        _load(path)
+    with hub.allow_pickled_weights():
+        assert _same_weights(_load(path), ckpt['state_dict'])
+    monkeypatch.setenv(hub.ALLOW_PICKLE_ENV, '1')
+    assert _same_weights(_load(path), ckpt['state_dict'])
+
+
+def test_a_folder_with_only_pickled_weights_is_refused(ckpt, tmp_path):
+    torch.save(ckpt['state_dict'], tmp_path / 'pytorch_model.bin')
+    with pytest.raises(hub.PickledWeightsError, match='pytorch_model.bin'):
+        _load(tmp_path)
+
+
+def test_a_truncated_weight_file_is_named_with_the_problem(weights, tmp_path):
+    path = tmp_path / 'model.safetensors'
+    data = weights.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(hub.PretrainedWeightsError, match=f'{path}: .*truncated or corrupted'):
+        _load(path)
+
+
+def test_a_corrupted_header_is_named_with_the_problem(weights, tmp_path):
+    path = tmp_path / 'model.safetensors'
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b'#' * 32  # the JSON header
+    path.write_bytes(bytes(data))
+    with pytest.raises(hub.PretrainedWeightsError, match=f'{path}: not a valid safetensors file'):
+        _load(path)
+
+
+def test_weights_of_another_architecture_are_named_with_the_mismatch(weights):
+    with pytest.raises(hub.PretrainedWeightsError,
+                       match=f'{weights}: the weights do not fit isomix_iso_128_16_p2.*shape mismatches.*bank.weight'):
+        _load(weights, 'isomix_iso_128_16_p2')
+    with pytest.raises(hub.PretrainedWeightsError, match=f'{weights}: the weights do not fit isomix_resnet18'):
+        _load(weights, 'isomix_resnet18', num_classes=10)
+
+
+def test_weights_of_another_schedule_are_named_with_the_missing_layers(weights):
+    with pytest.raises(hub.PretrainedWeightsError,
+                       match=r"do not fit isomix_iso_64_8_p2 with schedule \{'depth': 12\}.*missing keys: \[schedule.layers.10"):
+        _load(weights, depth=12)
+
+
+# --- the round trip over HTTP ------------------------------------------------------------------
+LOADER = textwrap.dedent('''
+    import json, sys, torch, timm
+    import timm_isomix
+    from safetensors.torch import save_file
+    from timm_isomix import hub
+    out, report = {}, {}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for key, name in (('hf_hub', 'hf-hub:acme/isomix_iso_64_8_p2.cifar10'), ('tag', 'isomix_iso_64_8_p2.cifar10')):
+        model = timm.create_model(name, pretrained=True).eval()
+        report[key] = dict(schedule=model.schedule_args(), mean=list(model.pretrained_cfg['mean']),
+                           file=model.pretrained_cfg['file'])
+        out.update({f'{key}/{k}': v.contiguous() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            out[f'{key}/output'] = model(x)
+    for key, name in (('unpublished', 'isomix_iso_128_16_p2.cifar10'), ('pickled', 'hf-hub:acme/pickled')):
+        try:
+            timm.create_model(name, pretrained=True)
+            report[key] = 'loaded'
+        except hub.PretrainedWeightsError as e:
+            report[key] = f'{type(e).__name__}: {e}'
+    save_file(out, sys.argv[1])
+    print(json.dumps(report))
+''')
+
+
+@pytest.fixture(scope='module')
+def olah(tmp_path_factory):
+    if not OLAH_CLI.is_file():
+        pytest.skip('olah is not installed (pip install -e .[test])')
+    server = OlahHub(tmp_path_factory.mktemp('olah')).start(timeout=90)
+    yield server
+    server.stop()
+
+
+def _push_into(server, monkeypatch):
+    """Send push_to_hf_hub's commits to the git repository olah serves (olah has no commit API)."""
+    import huggingface_hub
+
+    def upload_folder(self, repo_id, folder_path, commit_message='', **kw):
+        return SimpleNamespace(commit_url=server.commit_folder(repo_id, Path(folder_path), commit_message))
+
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, commit_message='', **kw):
+        folder = server.root / 'upload'
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / path_in_repo).parent.mkdir(parents=True)
+        shutil.copyfile(path_or_fileobj, folder / path_in_repo)
+        return SimpleNamespace(commit_url=server.commit_folder(repo_id, folder, commit_message))
+
+    def file_exists(self, repo_id, filename, **kw):
+        return (server.mirrors / 'models' / repo_id / filename).is_file()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'file_exists', file_exists)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_file', upload_file)
+
+
+def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(olah, tmp_path, monkeypatch):
+    # published with a schedule other than the registry default (12 layers, not 8): the tag must read config.json
+    ckpt_path = write_train_checkpoint(tmp_path / 'run', depth=12)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    _push_into(olah, monkeypatch)
+    publish.publish(str(ckpt_path), 'acme/isomix_iso_64_8_p2.cifar10')
+    repo = olah.mirrors / 'models' / 'acme' / 'isomix_iso_64_8_p2.cifar10'
+    assert {'model.safetensors', 'config.json', 'README.md', 'mixtures.png'} <= {p.name for p in repo.iterdir()}
+    pickled = tmp_path / 'pickled'
+    pickled.mkdir()
+    torch.save(ckpt['state_dict'], pickled / 'pytorch_model.bin')
+    shutil.copyfile(repo / 'config.json', pickled / 'config.json')
+    olah.commit_folder('acme/pickled', pickled)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_', 'TIMM_ISOMIX_'))}
+    env.update(HF_ENDPOINT=olah.endpoint, HF_HOME=str(tmp_path / 'hf-home'), HF_HUB_CACHE=str(tmp_path / 'hf-cache'),
+               HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DOWNLOAD_TIMEOUT='30', TIMM_ISOMIX_HUB_ORG='acme',
+               TORCH_HOME=str(tmp_path / 'torch'), NO_PROXY='127.0.0.1', no_proxy='127.0.0.1')
+    out = tmp_path / 'loaded.safetensors'
+    res = subprocess.run([sys.executable, '-c', LOADER, str(out)], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    loaded = load_file(out)
+
+    reference = publish.rebuild_model(ckpt)
+    with torch.no_grad():
+        expected = reference(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    for key in ('hf_hub', 'tag'):
+        assert report[key]['schedule'] == {'depth': 12}
+        assert report[key]['mean'] == ckpt['data_config']['mean']
+        assert report[key]['file'].startswith(str(tmp_path / 'hf-cache'))  # downloaded, into the fresh cache
+        assert all(torch.equal(loaded[f'{key}/{k}'], v) for k, v in ckpt['state_dict'].items())
+        assert torch.equal(loaded[f'{key}/output'], expected)
+    assert report['unpublished'].startswith('WeightsNotPublishedError: the weights of acme/isomix_iso_128_16_p2.cifar10 '
+                                            'are not published')
+    assert 'python -m timm_isomix.publish CHECKPOINT --repo-id acme/isomix_iso_128_16_p2.cifar10' in report['unpublished']
+    assert report['pickled'].startswith('PickledWeightsError: acme/pickled/pytorch_model.bin: pickled weights are refused')
