@@ -15,7 +15,8 @@ from timm_isomix.config import ConfigError, parse_train_args
 
 
 def main(argv=None) -> int:
-    setup_default_logging()
+    if not logging.getLogger().handlers:  # called again in one process (tests), keep the first setup
+        setup_default_logging()
     try:
         args, args_text = parse_train_args(argv)
         if args.tasks:

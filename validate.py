@@ -6,6 +6,7 @@
 
 The logic lives in timm_isomix.validation; this file only parses arguments and reports errors.
 """
+import logging
 import sys
 
 from timm.utils import setup_default_logging
@@ -14,7 +15,8 @@ from timm_isomix.config import ConfigError
 
 
 def main(argv=None) -> int:
-    setup_default_logging()
+    if not logging.getLogger().handlers:  # called again in one process (tests), keep the first setup
+        setup_default_logging()
     from timm_isomix.validation import build_validate_parser, validate_many, write_results
     args = build_validate_parser().parse_args(argv)
     try:

@@ -1,0 +1,145 @@
+"""Bad input to train.py / validate.py: one line naming the problem, non-zero exit, no checkpoint lost."""
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f'_{name}_script', ROOT / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script, validate_script = _script('train'), _script('validate')
+
+
+@pytest.fixture(scope='module')
+def tiny(shared_dataset, tmp_path_factory):
+    """A few real CIFAR-10 images as an ImageFolder, and a real 1-epoch checkpoint trained on them."""
+    src, root = shared_dataset('cifar10'), tmp_path_factory.mktemp('tiny_cli')
+    data = root / 'data'
+    for split, n in (('train', 4), ('val', 2)):
+        for cls in sorted(os.listdir(src / split)):
+            (data / split / cls).mkdir(parents=True)
+            for f in sorted(os.listdir(src / split / cls))[:n]:
+                shutil.copy(src / split / cls / f, data / split / cls / f)
+    code = train_script.main(base(data, root / 'runs', 'first') + ['--epochs', '1'])
+    assert code == 0
+    return data, root / 'runs', root / 'runs' / 'first' / 'last.pth.tar'
+
+
+def base(data, out, experiment):
+    return ['--data-dir', str(data), '--model', 'isomix_iso_64_8_p2', '--img-size', '16', '-b', '8', '-j', '0',
+            '--epochs', '1', '--warmup-epochs', '0', '--val-split', 'val', '--device', 'cpu',
+            '--output', str(out), '--experiment', experiment]
+
+
+def error_of(main, argv, capsys) -> str:
+    """Run a script's main(); it must fail with exit status 2 and exactly one stderr line (returned)."""
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(err) == 1, err
+    return err[0]
+
+
+def digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_missing_data_directory_is_named(tiny, tmp_path, capsys):
+    data, out, _ = tiny
+    err = error_of(train_script.main, base(tmp_path / 'nowhere', out, 'x'), capsys)
+    assert err == f'train.py: error: data directory not found: {tmp_path / "nowhere"}'
+
+
+def test_unknown_model_is_named(tiny, capsys):
+    data, out, _ = tiny
+    argv = base(data, out, 'x')
+    argv[argv.index('isomix_iso_64_8_p2')] = 'isomix_nonexistent'
+    assert "unknown model 'isomix_nonexistent'" in error_of(train_script.main, argv, capsys)
+
+
+def test_resume_of_another_architecture_is_refused_and_the_checkpoint_kept(tiny, capsys):
+    data, out, ckpt = tiny
+    before = digest(ckpt)
+    argv = base(data, out, 'first') + ['--resume', str(ckpt)]
+    argv[argv.index('isomix_iso_64_8_p2')] = 'isomix_resnet18'
+    err = error_of(train_script.main, argv, capsys)
+    assert "holds a 'isomix_iso_64_8_p2' checkpoint, but --model is 'isomix_resnet18'" in err
+    assert digest(ckpt) == before
+
+
+def test_num_classes_contradicting_the_checkpoint_is_refused(tiny, capsys):
+    data, out, ckpt = tiny
+    before = digest(ckpt)
+    err = error_of(train_script.main, base(data, out, 'first') + ['--resume', str(ckpt), '--num-classes', '7'], capsys)
+    assert '--num-classes 7 contradicts --resume' in err and 'which has 10 classes' in err
+    assert digest(ckpt) == before
+
+
+def test_unwritable_output_directory_is_named(tiny, tmp_path, capsys):
+    data, _, _ = tiny
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('not a folder')
+    err = error_of(train_script.main, base(data, blocker / 'sub', 'x'), capsys)
+    assert err.startswith(f'train.py: error: cannot write to output directory {blocker / "sub" / "x"}')
+
+
+def test_existing_experiment_directory_is_never_overwritten_without_resume_or_flag(tiny, capsys):
+    data, out, ckpt = tiny
+    before = digest(ckpt)
+    err = error_of(train_script.main, base(data, out, 'first'), capsys)
+    assert f'experiment directory {out / "first"} already exists' in err and '--resume' in err
+    assert digest(ckpt) == before
+
+
+def test_unknown_yaml_key_and_wrongly_typed_value_are_reported(tiny, tmp_path, capsys):
+    data, out, _ = tiny
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: isomix_iso_64_8_p2\nlearning_rate: 0.1\n')
+    assert "unknown key 'learning_rate'" in error_of(train_script.main, ['-c', str(cfg)] + base(data, out, 'y'), capsys)
+    cfg.write_text('epochs: ten\n')
+    assert "key 'epochs' must be an integer, got 'ten'" in error_of(
+        train_script.main, ['-c', str(cfg)] + base(data, out, 'y'), capsys)
+    cfg.write_text('scale: 0.5\n')
+    assert "key 'scale' must be a list of numbers" in error_of(
+        train_script.main, ['-c', str(cfg)] + base(data, out, 'y'), capsys)
+
+
+def test_timm_recipe_keys_are_accepted(tmp_path):
+    from timm_isomix.config import build_train_parser, check_config, load_config
+    parser = build_train_parser()
+    for recipe in ('isomix_resnet50_in1k', 'isomix_resnet50_ft_from_resnet50', 'isomix_resnet18_imagenette128',
+                   'isomix_iso_cifar10'):
+        check_config(load_config(str(ROOT / 'hparams' / f'{recipe}.yaml')), parser, recipe)
+    # keys an older timm wrote into args.yaml pass when they change nothing, and are refused when they would
+    assert check_config({'apex_amp': False, 'native_amp': False, 'batch_size': 64}, parser) == {'batch_size': 64}
+    from timm_isomix.config import ConfigError
+    with pytest.raises(ConfigError, match="'apex_amp'=True is not supported"):
+        check_config({'apex_amp': True}, parser)
+
+
+def test_validate_names_a_missing_checkpoint_and_a_contradicting_model(tiny, tmp_path, capsys):
+    data, _, ckpt = tiny
+    err = error_of(validate_script.main, ['--checkpoint', str(tmp_path / 'no.pth.tar'), '--data-dir', str(data)], capsys)
+    assert err == f'validate.py: error: checkpoint not found: {tmp_path / "no.pth.tar"}'
+    err = error_of(validate_script.main, ['--checkpoint', str(ckpt), '--model', 'isomix_resnet18',
+                                          '--data-dir', str(data)], capsys)
+    assert "holds a 'isomix_iso_64_8_p2' model, but --model is 'isomix_resnet18'" in err
+
+
+def test_cli_exit_status_is_non_zero_in_a_real_process(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--data-dir', str(tmp_path / 'none')],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f'train.py: error: data directory not found: {tmp_path / "none"}']
