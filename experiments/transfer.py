@@ -35,8 +35,9 @@ def main():
     p.add_argument('--epochs', type=int, default=None, help='override the YAML')
     p.add_argument('--transfer-epochs', type=int, default=4)
     p.add_argument('--seed', type=int, default=42)
+    p.add_argument('--threads', type=int, default=1, help='torch CPU threads (1: best on a shared 2-core CPU)')
     a = p.parse_args()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(a.threads)
     cfg = read_task_config(a.tasks)
     if a.epochs is not None:
         cfg['epochs'] = a.epochs

@@ -1,0 +1,129 @@
+"""Transfer and domain adaptation: only the new task's mixture (and head) learn; the bank stays bit-for-bit."""
+import pytest
+import timm
+import torch
+from torch.utils.data import TensorDataset
+
+import timm_isomix  # noqa: F401  (registers the models)
+from timm_isomix.adapt import adapt_target, adaptation_loss, freeze_for_transfer, reestimate_stats, transfer
+from timm_isomix.multitask import MultiTaskIsoMix, count_params
+
+TINY = dict(width=8, depth=4, num_templates=2, patch_size=4, zero_init_last=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def trained_like_model() -> MultiTaskIsoMix:
+    torch.manual_seed(0)
+    trunk = timm.create_model('isomix_iso_64_8_p2', num_classes=0, **TINY)
+    return MultiTaskIsoMix(trunk, {'src': 3}, init_logit=2.0)
+
+
+def toy_data(n=48, classes=3, size=16, seed=0):
+    """Images whose brightness gives the class: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, 3, size, size, generator=g) * 0.3 + (y.float() - 1).view(-1, 1, 1, 1)
+    return TensorDataset(x, y)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before, model, params_only=True):
+    names = {n for n, _ in model.named_parameters()} if params_only else set(before)
+    after = model.state_dict()
+    return sorted(k for k in names if k in before and not torch.equal(before[k], after[k]))
+
+
+FIT = dict(epochs=2, lr=0.02, batch_size=16)
+
+
+def test_mixture_transfer_leaves_the_templates_bit_for_bit_unchanged_and_trains_only_logits_and_head():
+    model = trained_like_model()
+    before = snapshot(model)
+    res = transfer(model, 'new', 3, toy_data(), toy_data(seed=1), mode='mixture', init_from='src', **FIT)
+    assert changed(before, model) == []  # nothing that existed before: bank, stem, the source task
+    after = model.state_dict()
+    for k in [k for k in before if k.startswith(('bank.', 'stem.', 'tasks.src.'))]:
+        assert torch.equal(before[k], after[k]), k  # buffers (statistics) of the source included
+    new = model.tasks['new']
+    assert not torch.equal(new.schedules[0].mixture.logits, model.tasks['src'].schedules[0].mixture.logits)
+    assert res['trainable'] == 4 * 2 + 8 * 3 + 3 == res['task_params']
+    assert res['trainable'] < count_params(model) / 20
+    assert all(p.requires_grad for p in model.parameters())  # freezing is undone afterwards
+
+
+def test_linear_probe_trains_only_the_head_and_keeps_statistics():
+    model = trained_like_model()
+    model.add_task('new', 3, init_from='src')
+    trainable = freeze_for_transfer(model, 'new', 'linear')
+    assert {id(p) for p in trainable} == {id(p) for p in model.tasks['new'].head.parameters()}
+    res = transfer(model, 'probe', 3, toy_data(), mode='linear', init_from='src', **FIT)
+    stats = model.tasks['probe'].stem_stats.running_mean
+    assert torch.equal(stats, model.tasks['src'].stem_stats.running_mean)
+    assert res['trainable'] == 8 * 3 + 3
+
+
+def test_full_finetuning_changes_the_bank():
+    model = trained_like_model()
+    before = snapshot(model)
+    res = transfer(model, 'new', 3, toy_data(), mode='full', init_from='src', **FIT)
+    assert 'bank.weight' in changed(before, model)
+    assert res['trainable'] > count_params(model.bank)
+
+
+def test_unknown_transfer_mode_is_rejected():
+    model = trained_like_model()
+    with pytest.raises(ValueError, match="unknown transfer mode 'all'"):
+        freeze_for_transfer(model, 'src', 'all')
+
+
+def test_adaptation_changes_only_the_target_mixture_logits():
+    model = trained_like_model()
+    model.add_task('tgt', 3, init_from='src', share_head_with='src')
+    target = TensorDataset(toy_data(seed=2).tensors[0] * 2 + 0.5)  # unlabelled, shifted domain
+    before = snapshot(model)
+    hist = adapt_target(model, 'tgt', target, {'src': TensorDataset(toy_data().tensors[0])}, steps=5, lr=0.1,
+                        batch_size=16)
+    assert changed(before, model) == ['tasks.tgt.schedules.0.mixture.logits']
+    # Statistics that moved are the target's own; the source's are untouched.
+    moved = changed(before, model, params_only=False)
+    assert all(k.startswith('tasks.tgt.') for k in moved) and len(moved) > 1
+    assert set(hist[-1]) >= {'loss', 'entropy', 'diversity', 'moments'}
+
+
+def test_adapting_with_no_target_data_is_a_clear_error():
+    model = trained_like_model()
+    model.add_task('tgt', 3, init_from='src', share_head_with='src')
+    with pytest.raises(ValueError, match="adapting task 'tgt' needs unlabelled target data"):
+        adapt_target(model, 'tgt', TensorDataset(torch.empty(0, 3, 16, 16)))
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        adapt_target(model, 'nope', toy_data())
+
+
+def test_reestimated_statistics_are_the_average_over_the_target_data():
+    model = trained_like_model()
+    data = toy_data(n=40)
+    reestimate_stats(model, 'src', data, batch_size=10)  # 4 equal batches: mean of batch means = data mean
+    with torch.no_grad():
+        feats = model.stem.conv(data.tensors[0])
+    assert torch.allclose(model.tasks['src'].stem_stats.running_mean, feats.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_adaptation_objective_prefers_confident_diverse_predictions_and_matched_moments():
+    f = torch.randn(8, 4)
+    confident = torch.eye(4).repeat(2, 1)
+    uniform = torch.full((8, 4), 0.25)
+    collapsed = torch.eye(4)[[0] * 8]
+    assert adaptation_loss(confident, f, [])['loss'] < adaptation_loss(uniform, f, [])['loss']
+    assert adaptation_loss(confident, f, [])['loss'] < adaptation_loss(collapsed, f, [])['loss']
+    assert adaptation_loss(confident, f, [f])['moments'] == 0
+    assert adaptation_loss(confident, f, [f + 1])['moments'] > 0

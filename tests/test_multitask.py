@@ -1,0 +1,177 @@
+"""Multi-task isomix: tasks own mixtures, statistics and heads over one shared bank."""
+import argparse
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import timm_isomix  # noqa: F401  (registers the models)
+from timm_isomix.multitask import (
+    MultiTaskIsoMix, build_task_model, count_params, load_task_data, load_task_model, read_task_config, train_tasks)
+from timm_isomix.plot_tasks import js_sharing
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two threads wait on each other on a busy 2-core CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(width=8, depth=4, num_templates=2, patch_size=4, zero_init_last=False)  # blocks not identity at init
+
+
+def tiny_model(tasks=None, **kwargs) -> MultiTaskIsoMix:
+    torch.manual_seed(0)
+    trunk = timm.create_model('isomix_iso_64_8_p2', num_classes=0, **TINY)
+    return MultiTaskIsoMix(trunk, tasks or {'a': 3, 'b': 5}, init_logit=2.0, **kwargs)
+
+
+def test_tasks_share_one_bank_and_have_their_own_mixture_and_head():
+    model = tiny_model()
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x, task='a').shape == (2, 3) and model(x, task='b').shape == (2, 5)
+    names = [n for n, _ in model.named_parameters()]
+    assert names.count('bank.weight') == 1
+    assert {'tasks.a.schedules.0.mixture.logits', 'tasks.b.schedules.0.mixture.logits'} <= set(names)
+    # A task's parameters: L x K logits and its head, nothing of the bank.
+    assert count_params(model.task_parameters('a')) == 4 * 2 + 8 * 3 + 3
+
+
+def test_changing_one_tasks_mixture_leaves_the_other_task_unchanged():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    a0, b0 = model(x, task='a'), model(x, task='b')
+    with torch.no_grad():
+        model.tasks['a'].schedules[0].mixture.logits.add_(torch.randn(4, 2))
+    assert not torch.allclose(model(x, task='a'), a0)
+    assert torch.equal(model(x, task='b'), b0)
+
+
+def test_each_task_keeps_its_own_batchnorm_statistics():
+    model = tiny_model().train()
+    b_stats = {k: v.clone() for k, v in model.tasks['b'].state_dict().items() if 'running' in k}
+    model(torch.randn(4, 3, 32, 32) * 3 + 1, task='a')
+    assert all(torch.equal(v, model.tasks['b'].state_dict()[k]) for k, v in b_stats.items())
+    assert not torch.equal(model.tasks['a'].stem_stats.running_mean, model.tasks['b'].stem_stats.running_mean)
+
+
+def test_share_from_makes_later_layers_use_one_mixture_across_tasks():
+    model = tiny_model(share_from=2)
+    a, b = model.tasks['a'], model.tasks['b']
+    assert a.schedules[1].mixture is b.schedules[1].mixture is model.shared_mixture
+    assert a.schedules[0].mixture is not b.schedules[0].mixture
+    assert a.alpha().shape == (4, 2)
+    assert a.schedules[1].layers[0] is not b.schedules[1].layers[0]  # statistics stay per task
+    assert count_params(model.task_parameters('a')) == 2 * 2 + 8 * 3 + 3
+    with pytest.raises(ValueError, match='share_from'):
+        tiny_model(share_from=5)
+
+
+def test_a_task_added_to_a_trained_model_leaves_existing_tasks_unchanged():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x, task='a')
+    path = model.add_task('c', 7, init_from='a')
+    assert torch.equal(model(x, task='a'), before)
+    assert model(x, task='c').shape == (2, 7)
+    assert torch.equal(path.schedules[0].mixture.logits, model.tasks['a'].schedules[0].mixture.logits)
+    assert path.schedules[0].mixture is not model.tasks['a'].schedules[0].mixture
+
+
+def test_hard_shared_baseline_shares_the_whole_trunk_but_not_heads():
+    cfg = {'model': 'isomix_iso_64_8_p2', 'model_kwargs': TINY, 'hard_shared': True,
+           'tasks': [{'name': 'a', 'data': 'x', 'classes': 2}, {'name': 'b', 'data': 'x', 'classes': 3}]}
+    model = build_task_model(cfg)
+    assert model.tasks['a'].schedules[0] is model.tasks['b'].schedules[0]
+    assert model.tasks['a'].stem_stats is model.tasks['b'].stem_stats
+    assert model.tasks['a'].head is not model.tasks['b'].head
+
+
+def test_unknown_task_name_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(KeyError, match=r"unknown task 'c'.*\['a', 'b'\]"):
+        model(torch.randn(1, 3, 32, 32), task='c')
+    with pytest.raises(ValueError, match='new non-empty string'):
+        model.add_task('a', 3)
+
+
+def test_a_task_whose_class_count_disagrees_with_its_shared_head_is_rejected():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="4 classes but the head of 'a'.*has 3"):
+        model.add_task('c', 4, share_head_with='a')
+
+
+def _image_folder(root, classes, per_class=6, size=12):
+    """A tiny ImageFolder whose classes differ by brightness (learnable in a few steps)."""
+    for split in ('train', 'val'):
+        for i, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for j in range(per_class):
+                value = int(255 * i / max(len(classes) - 1, 1))
+                Image.new('L', (size, size), color=value).save(d / f'{j}.png')
+    return root
+
+
+def test_dataset_folder_whose_classes_differ_from_the_tasks_is_rejected(tmp_path):
+    root = _image_folder(tmp_path / 'ds', ['cat', 'dog'])
+    with pytest.raises(ValueError, match=r"task 'pets' declares 3 classes but .* has 2"):
+        load_task_data(root, 'train', 3, task='pets')
+    with pytest.raises(ValueError, match=r"declares classes \['cat', 'cow'\]"):
+        load_task_data(root, 'train', ['cat', 'cow'], task='pets')
+    ds = load_task_data(root, 'train', ['cat', 'dog'], img_size=16, task='pets')
+    assert ds.tensors[0].shape == (12, 3, 16, 16)  # grey images become 3-channel and resized
+
+
+def test_task_file_without_required_fields_is_rejected(tmp_path):
+    f = tmp_path / 't.yaml'
+    f.write_text('tasks:\n  - {name: a, data: mnist}\n')
+    with pytest.raises(ValueError, match=r"lacks \['classes'\]"):
+        read_task_config(f)
+    with pytest.raises(FileNotFoundError):
+        read_task_config(tmp_path / 'missing.yaml')
+
+
+def test_js_sharing_is_zero_for_equal_mixtures_and_one_for_disjoint_ones():
+    eye = torch.eye(2)
+    assert torch.allclose(js_sharing({'a': eye, 'b': eye}), torch.zeros(2))
+    assert torch.allclose(js_sharing({'a': eye, 'b': eye.flip(0)}), torch.ones(2))
+
+
+def test_train_tasks_learns_jointly_and_writes_task_checkpoints_and_plots(tmp_path):
+    _image_folder(tmp_path / 'dark', ['0', '1'], per_class=16)
+    _image_folder(tmp_path / 'light', ['x', 'y', 'z'], per_class=16)
+    cfg = {'model': 'isomix_iso_64_8_p2', 'model_kwargs': TINY, 'img_size': 16, 'epochs': 8, 'lr': 0.01,
+           'batch_size': 8, 'tasks': [{'name': 'dark', 'data': str(tmp_path / 'dark'), 'classes': 2},
+                                      {'name': 'light', 'data': str(tmp_path / 'light'), 'classes': ['x', 'y', 'z']}]}
+    args = argparse.Namespace(tasks=cfg, output=str(tmp_path / 'out'), experiment='run', seed=0)
+    res = train_tasks(args)
+    out = tmp_path / 'out' / 'run'
+    for f in ('model.pth', 'task_dark.pth', 'task_light.pth', 'mixtures.png', 'sharing.png', 'summary.csv',
+              'results.json'):
+        assert (out / f).is_file(), f
+    assert res['top1']['dark'] > 50 and res['top1']['light'] > 34  # above chance on held-out images
+    assert len(res['js_per_layer']) == 4
+    task_ckpt = torch.load(out / 'task_light.pth', weights_only=True)
+    assert task_ckpt['num_classes'] == 3 and 'schedules.0.mixture.logits' in task_ckpt['state_dict']
+    model = load_task_model(out / 'model.pth').eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x, task='light').shape == (2, 3)
+    # A second run never overwrites the first.
+    cfg['epochs'] = 1
+    res2 = train_tasks(args)
+    assert res2['out_dir'] != str(out) and (out / 'model.pth').is_file()
+
+
+def test_joint_training_on_real_digits_beats_chance(shared_dataset, tmp_path):
+    cfg = {'model': 'isomix_iso_64_8_p2', 'model_kwargs': dict(width=16, depth=4, num_templates=2, patch_size=4),
+           'epochs': 4, 'lr': 0.005, 'batch_size': 32, 'train_limit': 500, 'val_limit': 200,
+           'tasks': [{'name': 'mnist', 'data': str(shared_dataset('mnist')), 'classes': 10},
+                     {'name': 'usps', 'data': str(shared_dataset('usps')), 'classes': 10}]}
+    res = train_tasks(argparse.Namespace(tasks=cfg, output=str(tmp_path), experiment='digits', seed=0))
+    assert res['top1']['mnist'] > 30 and res['top1']['usps'] > 30
