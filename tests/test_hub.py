@@ -65,6 +65,18 @@ def test_published_repo_id_follows_the_org_environment_variable(monkeypatch):
     assert hub.published_repo_id('isomix_iso_64_8_p2', 'cifar10') == 'my-lab/isomix_iso_64_8_p2.cifar10'
 
 
+def test_an_unpublished_tag_names_the_org_set_after_import_and_the_publish_command(monkeypatch):
+    asked = []
+    monkeypatch.setattr(hub, '_hub_download', lambda repo_id, filename, cache_dir: asked.append(repo_id))
+    monkeypatch.setattr('huggingface_hub.file_exists', lambda *a, **kw: False)
+    monkeypatch.setenv(hub.ORG_ENV, 'my-lab')
+    with pytest.raises(hub.WeightsNotPublishedError,
+                       match=r'weights of my-lab/isomix_iso_64_8_p2.cifar10 are not published.*'
+                             r'`python -m timm_isomix.publish CHECKPOINT --repo-id my-lab/isomix_iso_64_8_p2.cifar10`'):
+        timm.create_model('isomix_iso_64_8_p2.cifar10', pretrained=True)
+    assert asked == ['my-lab/isomix_iso_64_8_p2.cifar10']
+
+
 def test_a_model_without_any_weights_says_so_and_lists_the_ways_to_load():
     with pytest.raises(hub.PretrainedWeightsError, match='has no pretrained weights.*hf-hub:ORG/NAME'):
         timm.create_model('isomix_iso_192_12_p14', pretrained=True)
@@ -179,6 +191,8 @@ def _push_into(server, monkeypatch):
         return (server.mirrors / 'models' / repo_id / filename).is_file()
 
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'repo_exists',
+                        lambda self, repo_id, **kw: (server.mirrors / 'models' / repo_id / '.git').is_dir())
     monkeypatch.setattr(huggingface_hub.HfApi, 'file_exists', file_exists)
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_file', upload_file)

@@ -143,6 +143,7 @@ def test_upload_goes_through_timms_push_to_hf_hub_safetensors_only_then_the_heat
         return SimpleNamespace(commit_url='http://hub/commit/2')
 
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'repo_exists', lambda self, repo_id, **kw: False)
     monkeypatch.setattr(huggingface_hub.HfApi, 'file_exists', lambda self, repo_id, filename, **kw: False)
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_file', upload_file)

@@ -244,6 +244,10 @@ def publish(
     from huggingface_hub import HfApi
     from timm.models import push_to_hf_hub
     message = commit_message or f'Add {ckpt["arch"]} weights (epoch {ckpt.get("epoch", "?")}) from timm_isomix.publish'
+    if HfApi().repo_exists(repo_id) and HfApi().file_exists(repo_id, 'README.md', revision=revision):
+        print(f'warning: {repo_id} already has a README.md; timm\'s push_to_hf_hub keeps it, so the model card '
+              f'(results, recipe) is not updated. Write it with --local-dir and upload it if it should change.',
+              file=sys.stderr)
     commit = push_to_hf_hub(model, repo_id, commit_message=message, revision=revision, private=private,
                             model_card=card, safe_serialization=True, **config)
     if heatmap is not None:
