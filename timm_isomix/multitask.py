@@ -518,12 +518,13 @@ def train_tasks(args) -> dict:
     `mixtures.png` (alpha per task x layer x template) and `sharing.png` (per-layer Jensen-Shannon).
     Runs under torchrun like single-task training (gloo on CPU, one sampler shard per rank).
     """
-    from timm.utils import get_outdir, init_distributed_device, update_summary
+    from timm.utils import get_outdir, update_summary
     from .plot_tasks import js_sharing, plot_sharing, plot_task_mixtures
+    from .training import atomic_save, setup_distributed  # lazy: training is the layer above
     cfg = read_task_config(args.tasks)
     if getattr(args, 'device', None) is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = init_distributed_device(args)
+        args.device = None
+    device = setup_distributed(args)
     primary = getattr(args, 'rank', 0) == 0
     seed = int(_arg(args, 'seed', {}, 42))
     torch.manual_seed(seed)  # the same initial model on every rank
@@ -567,10 +568,10 @@ def train_tasks(args) -> dict:
                'task_params': {t: count_params(model.task_parameters(t)) for t in model.tasks}}
     if primary:
         results['top1'] = {t: history[-1][f'{t}_top1'] for t in model.tasks}
-        torch.save({'config': cfg, 'state_dict': model.state_dict()}, out_dir / 'model.pth')
+        atomic_save({'config': cfg, 'state_dict': model.state_dict()}, str(out_dir / 'model.pth'))
         for t in model.tasks:
-            torch.save({'task': t, 'num_classes': model.tasks[t].num_classes,
-                        'state_dict': model.task_state_dict(t)}, out_dir / f'task_{t}.pth')
+            atomic_save({'task': t, 'num_classes': model.tasks[t].num_classes,
+                         'state_dict': model.task_state_dict(t)}, str(out_dir / f'task_{t}.pth'))
         alphas = model.alphas()
         results['js_per_layer'] = js_sharing(alphas).tolist()
         plot_task_mixtures(alphas, out_dir / 'mixtures.png', title=f'{model_name}: alpha per task')
