@@ -73,8 +73,9 @@ def plot_sharing(alphas: Dict[str, torch.Tensor], path: Union[str, Path], title:
     plt = _pyplot()
     js = js_sharing(alphas)
     fig, ax = plt.subplots(figsize=(1.5 + 0.4 * len(js), 3))
-    ax.bar(range(len(js)), js.numpy())
-    ax.set_ylim(0, 1)
+    bars = ax.bar(range(len(js)), js.numpy())
+    ax.bar_label(bars, labels=[f'{v:.3f}' for v in js.tolist()], fontsize=6)
+    ax.set_ylim(0, min(1., max(0.05, 1.25 * js.max().item())))  # small divergences stay visible
     ax.set_xlabel('layer')
     ax.set_ylabel('mean pairwise JS (bits)')
     ax.set_title(title or f'task sharing per layer ({", ".join(alphas)})')
