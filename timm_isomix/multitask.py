@@ -116,8 +116,9 @@ class MultiTaskIsoMix(nn.Module):
 
     # --- tasks ------------------------------------------------------------------------------
     def _mixture(self, start: int, end: int, logits: torch.Tensor) -> Mixture:
+        # On the bank's device: the seeds stay where the trunk was built, the model may have moved since.
         m = Mixture(end - start, self.num_templates, temperature=self.temperature,
-                    device=logits.device, dtype=logits.dtype)
+                    device=self.bank.weight.device, dtype=self.bank.weight.dtype)
         with torch.no_grad():
             m.logits.copy_(logits[start:end])
         return m
