@@ -1,8 +1,9 @@
 """Loading isomix weights: published tags, hf-hub / local-dir / file sources, safety and clear errors.
 
-The round trip at the end goes over real HTTP on 127.0.0.1: a checkpoint is published with timm's
-push_to_hf_hub into a git repository served by olah (a Hub-compatible server from PyPI) and downloaded by
-huggingface_hub with HF_ENDPOINT pointing at it, in a fresh process with its own HF_HOME.
+The round trip at the end goes over real HTTP on 127.0.0.1 only: `python -m timm_isomix.publish` (timm's
+push_to_hf_hub) commits through the Hub's commit API (tests/hubserver.py: CommitServer) into a git
+repository that olah (a Hub-compatible server from PyPI, offline) serves; a fresh process with its own
+HF_HOME and HF_ENDPOINT pointing at olah downloads it through huggingface_hub.
 """
 import json
 import os
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import timm_isomix  # noqa: F401
 from timm_isomix import hub, publish
 
-from hubserver import OLAH_CLI, OlahHub, write_train_checkpoint
+from hubserver import OLAH_CLI, CommitServer, OlahHub, write_train_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -173,51 +173,41 @@ def olah(tmp_path_factory):
     server.stop()
 
 
-def _push_into(server, monkeypatch):
-    """Send push_to_hf_hub's commits to the git repository olah serves (olah has no commit API)."""
-    import huggingface_hub
-
-    def upload_folder(self, repo_id, folder_path, commit_message='', **kw):
-        return SimpleNamespace(commit_url=server.commit_folder(repo_id, Path(folder_path), commit_message))
-
-    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, commit_message='', **kw):
-        folder = server.root / 'upload'
-        shutil.rmtree(folder, ignore_errors=True)
-        (folder / path_in_repo).parent.mkdir(parents=True)
-        shutil.copyfile(path_or_fileobj, folder / path_in_repo)
-        return SimpleNamespace(commit_url=server.commit_folder(repo_id, folder, commit_message))
-
-    def file_exists(self, repo_id, filename, **kw):
-        return (server.mirrors / 'models' / repo_id / filename).is_file()
-
-    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id))
-    monkeypatch.setattr(huggingface_hub.HfApi, 'repo_exists',
-                        lambda self, repo_id, **kw: (server.mirrors / 'models' / repo_id / '.git').is_dir())
-    monkeypatch.setattr(huggingface_hub.HfApi, 'file_exists', file_exists)
-    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
-    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_file', upload_file)
+def _env(tmp_path, endpoint, **extra):
+    """A clean huggingface_hub environment: this endpoint, a fresh HF_HOME and cache, nothing inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_', 'TIMM_ISOMIX_'))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / 'hf-home'), HF_HUB_CACHE=str(tmp_path / 'hf-cache'),
+               HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DOWNLOAD_TIMEOUT='30', TORCH_HOME=str(tmp_path / 'torch'),
+               NO_PROXY='127.0.0.1', no_proxy='127.0.0.1', **extra)
+    return env
 
 
-def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(olah, tmp_path, monkeypatch):
+def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(olah, tmp_path):
     # published with a schedule other than the registry default (12 layers, not 8): the tag must read config.json
     ckpt_path = write_train_checkpoint(tmp_path / 'run', depth=12)
     ckpt = torch.load(ckpt_path, weights_only=True)
-    _push_into(olah, monkeypatch)
-    publish.publish(str(ckpt_path), 'acme/isomix_iso_64_8_p2.cifar10')
+    commits = CommitServer(olah).start()
+    try:
+        res = subprocess.run(
+            [sys.executable, '-m', 'timm_isomix.publish', str(ckpt_path), '--repo-id', 'acme/isomix_iso_64_8_p2.cifar10'],
+            env=_env(tmp_path / 'publisher', commits.endpoint, HF_TOKEN='hf_local_test'),
+            capture_output=True, text=True, timeout=240)
+    finally:
+        commits.stop()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f'{commits.endpoint}/acme/isomix_iso_64_8_p2.cifar10/commit/' in res.stdout
     repo = olah.mirrors / 'models' / 'acme' / 'isomix_iso_64_8_p2.cifar10'
-    assert {'model.safetensors', 'config.json', 'README.md', 'mixtures.png'} <= {p.name for p in repo.iterdir()}
+    assert sorted(p.name for p in repo.iterdir() if p.name != '.git') == [
+        'README.md', 'config.json', 'mixtures.png', 'model.safetensors']
     pickled = tmp_path / 'pickled'
     pickled.mkdir()
     torch.save(ckpt['state_dict'], pickled / 'pytorch_model.bin')
     shutil.copyfile(repo / 'config.json', pickled / 'config.json')
     olah.commit_folder('acme/pickled', pickled)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_', 'TIMM_ISOMIX_'))}
-    env.update(HF_ENDPOINT=olah.endpoint, HF_HOME=str(tmp_path / 'hf-home'), HF_HUB_CACHE=str(tmp_path / 'hf-cache'),
-               HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DOWNLOAD_TIMEOUT='30', TIMM_ISOMIX_HUB_ORG='acme',
-               TORCH_HOME=str(tmp_path / 'torch'), NO_PROXY='127.0.0.1', no_proxy='127.0.0.1')
     out = tmp_path / 'loaded.safetensors'
-    res = subprocess.run([sys.executable, '-c', LOADER, str(out)], env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run([sys.executable, '-c', LOADER, str(out)], env=_env(tmp_path, olah.endpoint, TIMM_ISOMIX_HUB_ORG='acme'),
+                         capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     loaded = load_file(out)
