@@ -60,6 +60,20 @@ class TemplateBank(nn.Module):
         parts = {'weight': weight_row.split(self.sizes['weight']), 'affine': affine_row.split(self.sizes['affine'])}
         return {name: parts[group][i].view(shape) for name, (group, i, shape) in self.layout.items()}
 
+    def unflatten_rows(self, weight: torch.Tensor, affine: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        """Every row's parameters, by name, as views into (R, P) rows: one split per group for all rows,
+        so autograd gathers all their gradients with one concatenation (per-row splits would cost a
+        concatenation per row and then a stack)."""
+        n = weight.shape[0]
+        parts = {
+            'weight': weight.reshape(-1).split(self.sizes['weight'] * n),
+            'affine': affine.reshape(-1).split(self.sizes['affine'] * n),
+        }
+        per_row = {group: len(sizes) for group, sizes in self.sizes.items()}
+        return [
+            {name: parts[group][r * per_row[group] + i].view(shape) for name, (group, i, shape) in self.layout.items()}
+            for r in range(n)]
+
     def template(self, k: int) -> Dict[str, torch.Tensor]:
         """Template k's parameters by name, as views (writable, e.g. to initialise or warm-start it)."""
         return self.unflatten(self.weight[k], self.affine[k])
@@ -210,12 +224,11 @@ class Schedule(nn.Module):
             end: Optional[int] = None,
     ):
         """Run the layers (the first `end` of them, if given); with `take`, also return those layers' outputs."""
-        weight, affine = self.mixture(bank.weight, bank.affine)
-        weight, affine = weight.unbind(0), affine.unbind(0)
+        rows_params = bank.unflatten_rows(*self.mixture(bank.weight, bank.affine))
         rows = self.mixture.rows()
         intermediates = []
         for l, layer in enumerate(self.layers[:end]):
-            params = bank.unflatten(weight[rows[l]], affine[rows[l]])
+            params = rows_params[rows[l]]
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(layer, x, params, use_reentrant=False)
             else:

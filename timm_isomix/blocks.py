@@ -73,8 +73,9 @@ class BasicLayer(nn.Module):
         x = F.conv2d(x, params['conv1.weight'], padding=1)
         x = self.act1(batch_norm(x, self.bn1, params['bn1.weight'], params['bn1.bias']))
         x = F.conv2d(x, params['conv2.weight'], padding=1)
-        x = batch_norm(x, self.bn2, params['bn2.weight'], params['bn2.bias'])
-        return self.act2(self.drop_path(x) + shortcut)
+        x = self.drop_path(batch_norm(x, self.bn2, params['bn2.weight'], params['bn2.bias']))
+        x += shortcut  # in place, as timm's blocks: no new activation-sized tensor (BN backward needs not its output)
+        return self.act2(x)
 
 
 class BottleneckLayer(nn.Module):
@@ -119,5 +120,6 @@ class BottleneckLayer(nn.Module):
         x = F.conv2d(x, params['conv2.weight'], padding=1)
         x = self.act2(batch_norm(x, self.bn2, params['bn2.weight'], params['bn2.bias']))
         x = F.conv2d(x, params['conv3.weight'])
-        x = batch_norm(x, self.bn3, params['bn3.weight'], params['bn3.bias'])
-        return self.act3(self.drop_path(x) + shortcut)
+        x = self.drop_path(batch_norm(x, self.bn3, params['bn3.weight'], params['bn3.bias']))
+        x += shortcut  # in place, as timm's blocks (see BasicLayer)
+        return self.act3(x)
