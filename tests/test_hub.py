@@ -132,6 +132,13 @@ def test_weights_of_another_architecture_are_named_with_the_mismatch(weights):
         _load(weights, 'isomix_resnet18', num_classes=10)
 
 
+def test_a_resnet_of_another_depth_for_a_warm_start_tag_is_named_with_the_mismatch(tmp_path):
+    path = tmp_path / 'resnet34.safetensors'
+    save_file(timm.create_model('resnet34').state_dict(), str(path))
+    with pytest.raises(hub.PretrainedWeightsError, match=f'{path}: state dict is not a timm ResNet matching'):
+        _load(path, 'isomix_resnet18.a1_in1k')
+
+
 def test_weights_of_another_schedule_are_named_with_the_missing_layers(weights):
     with pytest.raises(hub.PretrainedWeightsError,
                        match=r"do not fit isomix_iso_64_8_p2 with schedule \{'depth': 12\}.*missing keys: \[schedule.layers.10"):

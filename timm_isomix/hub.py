@@ -236,7 +236,10 @@ def _checked_filter(source: str, cfg: Dict[str, Any], filter_fn: Optional[Callab
     """The model's filter (e.g. ResNet conversion), then the fit check naming the weight file."""
     def fn(state_dict, model):
         if filter_fn is not None:
-            state_dict = filter_fn(state_dict, model)
+            try:
+                state_dict = filter_fn(state_dict, model)
+            except ValueError as e:  # e.g. a ResNet state dict of another depth (convert.resnet_to_isomix)
+                raise PretrainedWeightsError(f'{source}: {e}') from e
         skip = []
         classifier = cfg.get('classifier')
         if classifier and getattr(model, 'num_classes', None) != cfg.get('num_classes'):
@@ -337,7 +340,7 @@ def pretrained_kwargs(
         origin = f' (from {cfg["url"]})'
     else:
         from timm import list_pretrained
-        tags = [t for t in list_pretrained(f'{variant}.*')]
+        tags = list_pretrained(f'{variant}.*')
         raise PretrainedWeightsError(
             f'{variant} (tag {cfg.get("tag") or "none"!r}) has no pretrained weights; tags with weights: '
             f'{tags or "none"}. Use a tagged name, hf-hub:ORG/NAME, local-dir:PATH or '
