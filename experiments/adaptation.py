@@ -33,6 +33,8 @@ def main():
     p.add_argument('--target', default='mnistm')
     p.add_argument('--out', default='output/experiments')
     p.add_argument('--epochs', type=int, default=None, help='override the YAML')
+    p.add_argument('--from-model', default=None,
+                   help="a sources' model.pth from an earlier run of this script: skip source training")
     p.add_argument('--steps', type=int, default=300)
     p.add_argument('--adapt-lr', type=float, default=0.05)
     p.add_argument('--moment-weight', type=float, default=1.0)
@@ -46,8 +48,12 @@ def main():
     by_name = {t['name']: t for t in cfg['tasks']}
     cfg['tasks'] = [by_name[s] for s in a.sources]
     cfg['share_head'] = True
-    r = train_tasks(SimpleNamespace(tasks=cfg, output=a.out, experiment='adaptation-sources', seed=a.seed))
-    out_dir = Path(r['out_dir'])
+    if a.from_model:
+        out_dir = Path(a.from_model).parent
+        r = json.loads((out_dir / 'results.json').read_text())
+    else:
+        r = train_tasks(SimpleNamespace(tasks=cfg, output=a.out, experiment='adaptation-sources', seed=a.seed))
+        out_dir = Path(r['out_dir'])
     model = load_task_model(out_dir / 'model.pth')
     tgt = by_name[a.target]
     root = prepare_dataset(tgt['data'])
@@ -75,8 +81,9 @@ def main():
     changed = sorted(k for k, v in model.named_parameters() if not torch.equal(v, before[k]))
     rows['+ adapted target mixture (objective)'] = evaluate(model, a.target, target_val)
     alphas = model.alphas()
-    plot_task_mixtures(alphas, out_dir / 'adaptation-mixtures.png', title=f'{"+".join(a.sources)} -> {a.target}')
-    plot_sharing(alphas, out_dir / 'adaptation-sharing.png')
+    tag = f'-mw{a.moment_weight:g}' if a.from_model else ''  # re-runs on a saved model keep earlier results
+    plot_task_mixtures(alphas, out_dir / f'adaptation-mixtures{tag}.png', title=f'{"+".join(a.sources)} -> {a.target}')
+    plot_sharing(alphas, out_dir / f'adaptation-sharing{tag}.png')
     results = {'source_top1': r['top1'], 'target_top1': rows, 'changed_parameters': changed, 'history': hist,
                'js_per_layer': js_sharing(alphas).tolist(), 'out_dir': str(out_dir)}
     lines = [f'| {"+".join(a.sources)} -> {a.target} (unlabelled) | target top-1 |', '|---|---|']
@@ -86,8 +93,8 @@ def main():
     table = '\n'.join(lines)
     print(json.dumps(hist))
     print(table)
-    Path(a.out, 'adaptation-results.md').write_text(table + '\n')
-    Path(a.out, 'adaptation-results.json').write_text(json.dumps(results, indent=1))
+    Path(a.out, f'adaptation-results{tag}.md').write_text(table + '\n')
+    Path(a.out, f'adaptation-results{tag}.json').write_text(json.dumps(results, indent=1))
 
 
 if __name__ == '__main__':

@@ -33,7 +33,7 @@ def main():
     p.add_argument('--init-from', default='mnist')
     p.add_argument('--out', default='output/experiments')
     p.add_argument('--epochs', type=int, default=None, help='override the YAML')
-    p.add_argument('--transfer-epochs', type=int, default=4)
+    p.add_argument('--transfer-epochs', type=int, default=10)
     p.add_argument('--seed', type=int, default=42)
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (1: best on a shared 2-core CPU)')
     a = p.parse_args()
