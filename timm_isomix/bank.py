@@ -60,11 +60,11 @@ class TemplateBank(nn.Module):
         parts = {'weight': weight_row.split(self.sizes['weight']), 'affine': affine_row.split(self.sizes['affine'])}
         return {name: parts[group][i].view(shape) for name, (group, i, shape) in self.layout.items()}
 
-    def unflatten_rows(self, weight: torch.Tensor, affine: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    def unflatten_rows(self, weight: torch.Tensor, affine: torch.Tensor, n: int) -> List[Dict[str, torch.Tensor]]:
         """Every row's parameters, by name, as views into (R, P) rows: one split per group for all rows,
         so autograd gathers all their gradients with one concatenation (per-row splits would cost a
         concatenation per row and then a stack)."""
-        n = weight.shape[0]
+        # n is given, not read from weight.shape: under FX tracing the shape of a mixed tensor is not a number
         parts = {
             'weight': weight.reshape(-1).split(self.sizes['weight'] * n),
             'affine': affine.reshape(-1).split(self.sizes['affine'] * n),
@@ -224,7 +224,9 @@ class Schedule(nn.Module):
             end: Optional[int] = None,
     ):
         """Run the layers (the first `end` of them, if given); with `take`, also return those layers' outputs."""
-        rows_params = bank.unflatten_rows(*self.mixture(bank.weight, bank.affine))
+        num_rows = bank.num_templates if self.mixture.is_hard else self.mixture.num_layers
+        weight, affine = self.mixture(bank.weight, bank.affine)  # unpacked first: FX can unpack, not star-expand
+        rows_params = bank.unflatten_rows(weight, affine, num_rows)
         rows = self.mixture.rows()
         intermediates = []
         for l, layer in enumerate(self.layers[:end]):
