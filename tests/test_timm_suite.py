@@ -6,9 +6,10 @@ function for the isomix models. The file is taken from the timm source release o
 (`pip download timm==VERSION --no-binary :all:`), cached, never committed. `$TIMM_SRC` may point at an
 unpacked timm source tree instead.
 
-Pretrained tags hold timm's ResNet weights (warm start). With no network, the Hugging Face cache is
-filled with stand-in weights of the same architecture (random, saved as timm publishes them, as
-model.safetensors) and the hub is set offline: the whole loading path (hub cache, conversion filter,
+Pretrained tags hold timm's ResNet weights (warm start) or weights published by timm_isomix.publish.
+With no network, the Hugging Face cache is filled with stand-in weights of the same architecture (random,
+saved as timm publishes them: model.safetensors, and config.json for isomix repositories) and the hub is
+set offline: the whole loading path (hub cache, conversion filter,
 classifier and in_chans adaptation) runs, only the numbers in the weights are not the published ones.
 """
 import importlib.util
@@ -75,7 +76,10 @@ def stand_in_hub(tmp_path_factory):
         (snapshot.parent.parent / 'refs').mkdir()
         (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
         torch.manual_seed(0)
-        save_file(timm.create_model(source).state_dict(), str(snapshot / 'model.safetensors'))
+        if source.startswith('isomix_'):  # a tag for weights published by timm_isomix.publish
+            timm.models.save_for_hf(timm.create_model(source), str(snapshot), safe_serialization=True)
+        else:  # timm's ResNet weights, converted on load
+            save_file(timm.create_model(source).state_dict(), str(snapshot / 'model.safetensors'))
     patch = pytest.MonkeyPatch()
     patch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
     patch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
