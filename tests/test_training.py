@@ -206,3 +206,18 @@ def test_torchrun_trains_with_two_cpu_processes_and_writes_a_checkpoint(tiny_cif
     ckpt = load(tmp_path / 'ddp' / 'last.pth.tar')
     assert ckpt['args']['distributed'] is True and ckpt['args']['world_size'] == 2
     assert ckpt['epoch'] == 0 and not any(k.startswith('module.') for k in ckpt['state_dict'])
+
+
+def test_main_job_script_trains_validates_and_prints_accuracy_and_heatmap(shared_dataset, tmp_path):
+    shared_dataset('cifar10')  # the default data of the main job
+    env = dict(os.environ, OUT=str(tmp_path / 'out'), EPOCHS='1', TRAIN_PER_CLASS='4', VAL_PER_CLASS='2',
+               IMG_SIZE='16', BATCH='8')
+    result = subprocess.run(['bash', str(ROOT / 'main_job.sh')], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith('main job: isomix_iso_64_8_p2 top-1 ') and 'on 20 validation images' in lines[-2]
+    heatmap = Path(lines[-1].removeprefix('mixture heatmap: '))
+    assert heatmap.is_file() and heatmap.parent.parent == tmp_path / 'out'
+    bad = subprocess.run(['bash', str(ROOT / 'main_job.sh'), str(tmp_path / 'missing')], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and 'dataset folder not found' in bad.stderr
