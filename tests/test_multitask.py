@@ -170,8 +170,8 @@ def test_train_tasks_learns_jointly_and_writes_task_checkpoints_and_plots(tmp_pa
 
 def test_joint_training_on_real_digits_beats_chance(shared_dataset, tmp_path):
     cfg = {'model': 'isomix_iso_64_8_p2', 'model_kwargs': dict(width=16, depth=4, num_templates=2, patch_size=4),
-           'epochs': 4, 'lr': 0.005, 'batch_size': 32, 'train_limit': 500, 'val_limit': 200,
+           'epochs': 5, 'lr': 0.01, 'batch_size': 16, 'train_limit': 500, 'val_limit': 200,
            'tasks': [{'name': 'mnist', 'data': str(shared_dataset('mnist')), 'classes': 10},
                      {'name': 'usps', 'data': str(shared_dataset('usps')), 'classes': 10}]}
     res = train_tasks(argparse.Namespace(tasks=cfg, output=str(tmp_path), experiment='digits', seed=0))
-    assert res['top1']['mnist'] > 30 and res['top1']['usps'] > 30
+    assert res['top1']['mnist'] > 40 and res['top1']['usps'] > 40  # chance: 10
