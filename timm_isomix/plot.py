@@ -33,12 +33,13 @@ def plot_mixtures(alphas: Dict[str, torch.Tensor], path: str, title: Optional[st
         1, len(names), figsize=(1.2 + 1.6 * len(names) + 0.25 * sum(a.shape[1] for a in alphas.values()), 4.2),
         squeeze=False)
     image = None
-    for ax, name in zip(axes[0], names):
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
         a = alphas[name].detach().float().cpu()
         image = ax.imshow(a.numpy(), vmin=0., vmax=1., cmap='viridis', aspect='auto', interpolation='nearest')
         ax.set_title(name, fontsize=9)
         ax.set_xlabel('template')
-        ax.set_ylabel('layer')
+        if i == 0:  # one label for the row of panels: they share the axis meaning
+            ax.set_ylabel('layer')
         ax.set_xticks(range(a.shape[1]))
         ax.set_yticks(range(a.shape[0]))
         ax.tick_params(labelsize=7)
