@@ -43,7 +43,7 @@ def main():
         cfg['epochs'] = a.epochs
     held = next(t for t in cfg['tasks'] if t['name'] == a.held_out)
     cfg['tasks'] = [t for t in cfg['tasks'] if t['name'] != a.held_out]
-    r = train_tasks(SimpleNamespace(tasks=cfg, output=a.out, experiment=f'transfer-pretrain', seed=a.seed))
+    r = train_tasks(SimpleNamespace(tasks=cfg, output=a.out, experiment='transfer-pretrain', seed=a.seed))
     out_dir = Path(r['out_dir'])
     model = load_task_model(out_dir / 'model.pth')
     root = prepare_dataset(held['data'])

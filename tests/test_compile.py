@@ -1,5 +1,4 @@
 """The modern compilation paths: torch.export and torch.compile (TorchScript is not supported, see README)."""
-import pytest
 import torch
 import timm
 

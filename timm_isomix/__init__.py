@@ -8,4 +8,8 @@ from .blocks import BasicLayer, BottleneckLayer
 from .convert import is_resnet_state_dict, resnet_to_isomix
 from .models import IsoMixNet, IsoMixResNet
 
+__all__ = [
+    'INIT_LOGIT', 'Mixture', 'Schedule', 'TemplateBank', 'cyclic_order', 'BasicLayer', 'BottleneckLayer',
+    'is_resnet_state_dict', 'resnet_to_isomix', 'IsoMixNet', 'IsoMixResNet',
+]
 __version__ = '0.1.0'

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .multitask import MultiTaskIsoMix, count_params, evaluate, fit_tasks
+from .multitask import MultiTaskIsoMix, count_params, fit_tasks
 
 __all__ = ['TRANSFER_MODES', 'freeze_for_transfer', 'transfer', 'reestimate_stats', 'adaptation_loss', 'adapt_target']
 

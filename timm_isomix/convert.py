@@ -38,7 +38,6 @@ def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -
     out = {k: v for k, v in target.items() if k.endswith('mixture.logits')}
     expected = set()
     for i, stage in enumerate(model.stages):
-        prefix = f'stages.{i}'
         expected |= {f'layer{i + 1}.0.{k}' for k in stage.first.state_dict()}
         expected |= {f'layer{i + 1}.{k + 1}.{name}' for k in range(stage.bank.num_templates) for name in stage.bank.layout}
         norms = {name.split('.')[0] for name in stage.bank.layout if name.startswith('bn')}

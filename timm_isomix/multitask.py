@@ -12,8 +12,6 @@ head, learned with the bank frozen (see `adapt.py`).
 import copy
 import json
 import logging
-import math
-import os
 import random
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union

@@ -17,10 +17,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+
+from .summary import count_macs
 
 __all__ = ['PublishError', 'load_train_checkpoint', 'rebuild_model', 'count_macs', 'model_card',
            'export_config', 'write_folder', 'publish', 'main']
@@ -78,32 +80,6 @@ def rebuild_model(ckpt: Dict[str, Any], use_ema: bool = False, source: str = 'ch
     except RuntimeError as e:
         raise PublishError(f'{source}: {key!r} does not fit {ckpt["arch"]} with model_args {model_args}: {e}') from e
     return model.eval()
-
-
-def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on one image of `input_size` (C, H, W).
-
-    Counted with torch.utils.flop_counter (convolutions and matrix products, the mixing of templates
-    included); MACs = FLOPs / 2.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    params = list(model.parameters())
-    device = params[0].device if params else 'cpu'
-    was_training, requires_grad = model.training, [p.requires_grad for p in params]
-    # FlopCounterMode hooks backward on module outputs; a hard order passes a template (a parameter view)
-    # through unchanged, which it cannot hook, so counting runs with gradients off
-    for p in params:
-        p.requires_grad_(False)
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            model(torch.zeros(1, *input_size, device=device))
-    finally:
-        model.train(was_training)
-        for p, r in zip(params, requires_grad):
-            p.requires_grad_(r)
-    return counter.get_total_flops() // 2
 
 
 # --- what goes into the folder -----------------------------------------------------------------

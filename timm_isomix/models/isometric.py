@@ -9,7 +9,7 @@ parameter count. Variants are named `isomix_iso_<width>_<depth>_p<patch>`; K = d
 """
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
