@@ -30,7 +30,7 @@ def plot_mixtures(alphas: Dict[str, torch.Tensor], path: str, title: Optional[st
             raise ValueError(f'alpha of mixture {name!r} must be (layers, templates), got shape {tuple(a.shape)}')
     names = list(alphas)
     fig, axes = plt.subplots(
-        1, len(names), figsize=(1.2 + 1.6 * len(names) + 0.25 * sum(a.shape[1] for a in alphas.values()), 4.2),
+        1, len(names), figsize=(1.8 + 1.6 * len(names) + 0.25 * sum(a.shape[1] for a in alphas.values()), 4.2),
         squeeze=False)
     image = None
     for i, (ax, name) in enumerate(zip(axes[0], names)):
