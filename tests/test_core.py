@@ -286,3 +286,14 @@ def test_non_finite_logits_are_an_error():
 def test_a_bad_temperature_is_an_error():
     with pytest.raises(ValueError, match='temperature must be a positive finite number'):
         timm.create_model('isomix_iso_64_8_p2', temperature=0.0)
+
+
+def test_fresh_mixtures_start_soft_and_a_warm_start_makes_them_sharp():
+    model = timm.create_model('isomix_resnet50', reuse=1)
+    alpha = model.mixtures()['stages.2'].alpha()  # K = 5
+    assert 0.9 < alpha.max(-1).values.min() < 0.95  # learnable: the softmax gradient is alive
+    model.load_state_dict(resnet_to_isomix(timm.create_model('resnet50').state_dict(), model))
+    alpha = model.mixtures()['stages.2'].alpha()
+    assert alpha.max(-1).values.min() > 1 - 1e-6 and model.mixtures()['stages.2'].argmax_order() == [0, 1, 2, 3, 4]
+    soft = timm.create_model('isomix_resnet50', reuse=1, init_logit=1.0).mixtures()['stages.2'].alpha()
+    assert soft.max(-1).values.max() < 0.5

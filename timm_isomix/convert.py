@@ -14,6 +14,9 @@ from .models.resnet import IsoMixResNet
 __all__ = ['is_resnet_state_dict', 'resnet_to_isomix']
 
 _STATS = ('running_mean', 'running_var', 'num_batches_tracked')
+# The logit a warm start gives each soft layer's scheduled template: alpha is one-hot to ~1e-7 per other
+# template, so the isomix model computes what the ResNet computes (to float32 precision).
+WARM_START_LOGIT = 16.0
 
 
 def is_resnet_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
@@ -29,13 +32,21 @@ def _key_report(missing: List[str], unexpected: List[str]) -> str:
 
 @torch.no_grad()
 def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -> Dict[str, torch.Tensor]:
-    """Map a timm ResNet state dict onto `model`'s keys; the mixture logits are the model's own.
+    """Map a timm ResNet state dict onto `model`'s keys.
+
+    Each soft mixture keeps its scheduled order (the argmax of the model's logits, the cyclic order
+    for a fresh model) and gets sharp logits (WARM_START_LOGIT) on it; hard orders need none.
 
     Raises ValueError naming the missing and unexpected keys (or mismatched shapes) when the
     state dict is not of the ResNet this model was built from.
     """
     target = model.state_dict()
-    out = {k: v for k, v in target.items() if k.endswith('mixture.logits')}
+    out = {}
+    for name, mixture in model.mixtures().items():
+        if not mixture.is_hard:
+            logits = torch.zeros_like(mixture.logits)
+            logits[torch.arange(mixture.num_layers), torch.tensor(mixture.argmax_order())] = WARM_START_LOGIT
+            out[f'{name}.schedule.mixture.logits'] = logits
     expected = set()
     for i, stage in enumerate(model.stages):
         expected |= {f'layer{i + 1}.0.{k}' for k in stage.first.state_dict()}

@@ -19,7 +19,7 @@ from timm.layers import DropPath, create_classifier, get_act_layer, get_device_d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..bank import Mixture, Schedule, TemplateBank
+from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank
 from ..blocks import BasicLayer
 from ..hub import pretrained_kwargs, published_cfg
 from .resnet import Order, normalize_order
@@ -39,6 +39,7 @@ class IsoMixNet(nn.Module):
             reuse: Optional[int] = None,
             order: Order = None,
             temperature: float = 1.0,
+            init_logit: float = INIT_LOGIT,
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -58,6 +59,7 @@ class IsoMixNet(nn.Module):
             reuse: executed layers per template, L = reuse * K, in the cyclic order.
             order: a hard order, one template index per executed layer (L = its length).
             temperature: softmax temperature of the mixture.
+            init_logit: initial logit of each layer's scheduled template (cyclic order), the others 0.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -82,7 +84,7 @@ class IsoMixNet(nn.Module):
             ('act', act_layer(inplace=True)),
         ]))
         self.bank = TemplateBank(BasicLayer.template_shapes(width), num_templates, **dd)
-        mixture = Mixture(depth, num_templates, order=order, temperature=temperature, **dd)
+        mixture = Mixture(depth, num_templates, order=order, temperature=temperature, init_logit=init_logit, **dd)
         self.schedule = Schedule(partial(BasicLayer, width, act_layer=act_layer), mixture, **dd)
         self._update_depth()
 

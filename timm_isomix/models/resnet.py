@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
-from ..bank import Mixture, Schedule, TemplateBank
+from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank
 from ..blocks import BasicLayer, BottleneckLayer
 
 __all__ = ['IsoMixResNet', 'BankStage', 'normalize_order']
@@ -92,6 +92,7 @@ class IsoMixResNet(nn.Module):
             reuse: Union[int, Sequence[int]] = 2,
             order: Order = None,
             temperature: float = 1.0,
+            init_logit: float = INIT_LOGIT,
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -110,6 +111,7 @@ class IsoMixResNet(nn.Module):
             reuse: executed layers per template in each stage (1: the ResNet's depth), or one value per stage.
             order: hard orders, one list of template indices (or None for learnable logits) per stage.
             temperature: softmax temperature of the mixtures.
+            init_logit: initial logit of each layer's scheduled template (cyclic order), the others 0.
             num_classes: classifier outputs (0: no classifier).
             in_chans: input channels.
             global_pool: pooling type of the head.
@@ -159,7 +161,7 @@ class IsoMixResNet(nn.Module):
                 layer_fn = partial(BottleneckLayer, outplanes, planes, act_layer=act_layer)
             bank = TemplateBank(shapes, n - 1, **dd)
             num_layers = len(orders[i]) if orders[i] is not None else reuses[i] * (n - 1)
-            mixture = Mixture(num_layers, n - 1, order=orders[i], temperature=temperature, **dd)
+            mixture = Mixture(num_layers, n - 1, order=orders[i], temperature=temperature, init_logit=init_logit, **dd)
             stages.append(BankStage(first, bank, Schedule(layer_fn, mixture, **dd)))
             inplanes = outplanes
             self.feature_info.append(dict(num_chs=outplanes, reduction=reduction, module=f'stages.{i}'))
