@@ -120,6 +120,7 @@ class Runner:
         self.x = self.x.contiguous(memory_format=mem)
         self.y = torch.randint(0, args.num_classes, (args.batch_size,), device=self.device)
         self.amp = args.amp
+        self.compiled = compiled
         self.net = torch.compile(self.model) if compiled else self.model
 
     def autocast(self):
@@ -161,7 +162,8 @@ def interleaved_throughput(runners: Sequence[Runner], train: bool, args: argpars
     fns = [r.train_step if train else r.infer_step for r in runners]
     steps = args.train_steps if train else args.infer_steps
     for r, fn in zip(runners, fns):
-        for _ in range(args.warmup):
+        # compiled models compile on their first calls; more warm-up lets lazily built kernels settle
+        for _ in range(args.warmup + (args.compile_warmup if r.compiled else 0)):
             fn()
         r.sync()
     results: List[List[float]] = [[] for _ in runners]
@@ -314,33 +316,25 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
     for c, r in zip(cases, runners):
         results[c.name]['params_m'] = sum(p.numel() for p in r.model.parameters()) / 1e6
         results[c.name]['train_flops_per_image'] = train_flops_per_image(r)
+    # compiled models are timed in the same interleaved loop as the eager ones, so that
+    # compiled / eager compares repetitions run under the same load
+    main_names = {n for c in cases if c.role == 'soft1' for n in (c.name, c.reference)}
+    compiled = [c for c in cases if args.compile == 'all' or (args.compile == 'main' and c.name in main_names)]
+    timed = [(c, '') for c in cases] + [(c, 'compiled_') for c in compiled]
+    all_runners = runners + [Runner(c, args, compiled=True) for c in compiled]
 
     for mode in ('train', 'infer'):
-        print(f'timing {mode} ({args.reps} interleaved repetitions)...', file=sys.stderr)
-        for c, runs in zip(cases, interleaved_throughput(runners, mode == 'train', args)):
-            results[c.name][f'{mode}_img_s_runs'] = runs
-            results[c.name][f'{mode}_img_s'] = _median(runs)
+        print(f'timing {mode} ({args.reps} interleaved repetitions; {len(compiled)} compiled)...', file=sys.stderr)
+        for (c, prefix), runs in zip(timed, interleaved_throughput(all_runners, mode == 'train', args)):
+            results[c.name][f'{prefix}{mode}_img_s_runs'] = runs
+            results[c.name][f'{prefix}{mode}_img_s'] = _median(runs)
+    del all_runners
 
     if args.profile:
         print('profiling the mixing share...', file=sys.stderr)
         for c, r in zip(cases, runners):
             results[c.name]['mix_share'] = mixing_share(r)
     del runners
-
-    main_names = {n for c in cases if c.role in ('soft1', 'hard1') for n in (c.name, c.reference)}
-    compile_names = [c.name for c in cases if args.compile == 'all' or (args.compile == 'main' and c.name in main_names)]
-    if compile_names:
-        print(f'timing torch.compile for {compile_names}...', file=sys.stderr)
-        compiled_cases = [c for c in cases if c.name in compile_names]
-        runners = [Runner(c, args, compiled=True) for c in compiled_cases]
-        for mode in ('train', 'infer'):
-            start = time.perf_counter()
-            runs_all = interleaved_throughput(runners, mode == 'train', args)
-            print(f'  {mode}: {time.perf_counter() - start:.0f} s including compilation', file=sys.stderr)
-            for c, runs in zip(compiled_cases, runs_all):
-                results[c.name][f'compiled_{mode}_img_s_runs'] = runs
-                results[c.name][f'compiled_{mode}_img_s'] = _median(runs)
-        del runners
 
     if args.memory:
         print('measuring peak memory (one subprocess per case)...', file=sys.stderr)
@@ -364,6 +358,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
         settings=dict(suite=args.suite, device=args.device, batch_size=args.batch_size, img_size=args.img_size,
                       amp_bf16=args.amp, channels_last=args.channels_last, reps=args.reps, warmup=args.warmup,
                       train_steps=args.train_steps, infer_steps=args.infer_steps, compile=args.compile,
+                      compile_warmup=args.compile_warmup,
                       memory_method='cuda max_memory_allocated' if device.type == 'cuda' else
                       'peak RSS (getrusage) over two training steps minus RSS before them, one subprocess per case'),
         command='python -m timm_isomix.benchmark ' + ' '.join(argv),
@@ -416,7 +411,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--train-steps', type=int, default=2, help='training steps per timed repetition')
     p.add_argument('--infer-steps', type=int, default=3, help='inference batches per timed repetition')
     p.add_argument('--compile', default='main', choices=('none', 'main', 'all'),
-                   help="torch.compile: none, 'main' (the reference, reuse=1 soft and hard) or all cases")
+                   help="torch.compile: none, 'main' (reuse=1 soft and its reference; compiling takes minutes on CPU) or all")
+    p.add_argument('--compile-warmup', type=int, default=3, help='extra warm-up steps for compiled models')
     p.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True, help='measure the mixing share')
     p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True, help='measure peak memory')
     p.add_argument('--json', default='benchmark.json', help='where to write the JSON report')
@@ -432,8 +428,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ('batch_size', 'img_size', 'reps', 'train_steps', 'infer_steps'):
         if getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
-    if args.warmup < 0:
-        p.error(f'--warmup must be >= 0, got {args.warmup}')
+    if args.warmup < 0 or args.compile_warmup < 0:
+        p.error(f'--warmup and --compile-warmup must be >= 0, got {args.warmup} and {args.compile_warmup}')
     return args
 
 
