@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from timm_isomix.datasets import find_archive, prepare_dataset
 
@@ -11,3 +12,12 @@ def shared_dataset():
             pytest.skip(f'{name}.tar.gz not found: set ISOMIX_DATA or place ../shared/data beside the checkout')
         return prepare_dataset(name)
     return get
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (two threads wait on each other on a busy 2-core CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

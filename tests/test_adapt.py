@@ -11,12 +11,7 @@ from timm_isomix.multitask import MultiTaskIsoMix, count_params
 TINY = dict(width=8, depth=4, num_templates=2, patch_size=4, zero_init_last=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def trained_like_model() -> MultiTaskIsoMix:

@@ -1,37 +1,21 @@
 """Bad input to train.py / validate.py: one line naming the problem, non-zero exit, no checkpoint lost."""
 import hashlib
-import importlib.util
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, load_script, make_tiny_folder
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f'_{name}_script', ROOT / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, validate_script = _script('train'), _script('validate')
+train_script, validate_script = load_script('train'), load_script('validate')
 
 
 @pytest.fixture(scope='module')
 def tiny(shared_dataset, tmp_path_factory):
     """A few real CIFAR-10 images as an ImageFolder, and a real 1-epoch checkpoint trained on them."""
     src, root = shared_dataset('cifar10'), tmp_path_factory.mktemp('tiny_cli')
-    data = root / 'data'
-    for split, n in (('train', 4), ('val', 2)):
-        for cls in sorted(os.listdir(src / split)):
-            (data / split / cls).mkdir(parents=True)
-            for f in sorted(os.listdir(src / split / cls))[:n]:
-                shutil.copy(src / split / cls / f, data / split / cls / f)
+    data = make_tiny_folder(src, root / 'data', 4, 2)
     code = train_script.main(base(data, root / 'runs', 'first') + ['--epochs', '1'])
     assert code == 0
     return data, root / 'runs', root / 'runs' / 'first' / 'last.pth.tar'

@@ -13,13 +13,7 @@ from timm_isomix.plot_tasks import js_sharing
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads wait on each other on a busy 2-core CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 TINY = dict(width=8, depth=4, num_templates=2, patch_size=4, zero_init_last=False)  # blocks not identity at init

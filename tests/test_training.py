@@ -1,6 +1,5 @@
 """train.py and timm_isomix.training: the optimizer groups, checkpoints, resume after a real kill, torchrun on CPU."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,20 +15,11 @@ from timm_isomix.plot import plot_mixtures
 from timm_isomix.training import (
     CheckpointKeeper, atomic_save, mixture_param_groups, schedule_report, write_mixture_heatmap)
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, make_tiny_folder
+
 PY = sys.executable
 CONTRACT_KEYS = {'epoch', 'arch', 'model_args', 'state_dict', 'optimizer', 'scheduler', 'args', 'metric',
                  'data_config', 'results'}
-
-
-def make_tiny_folder(src: Path, dst: Path, train_per_class: int, val_per_class: int) -> Path:
-    """An ImageFolder of the first few real images per class of a shared dataset."""
-    for split, n in (('train', train_per_class), ('val', val_per_class)):
-        for cls in sorted(os.listdir(src / split)):
-            (dst / split / cls).mkdir(parents=True, exist_ok=True)
-            for f in sorted(os.listdir(src / split / cls))[:n]:
-                shutil.copy(src / split / cls / f, dst / split / cls / f)
-    return dst
 
 
 @pytest.fixture(scope='module')

@@ -1,39 +1,23 @@
 """validate.py: checkpoints rebuild their own model and reproduce train.py's eval; bulk runs; JSON and CSV."""
 import csv
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, load_script, make_tiny_folder
 
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f'_{name}_script', ROOT / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, validate_script = _script('train'), _script('validate')
+train_script, validate_script = load_script('train'), load_script('validate')
 
 
 @pytest.fixture(scope='module')
 def trained(shared_dataset, tmp_path_factory):
     """Real CIFAR-10 images (6 / 3 per class) and a 2-epoch run of a non-default schedule (depth 4) with EMA."""
     src, root = shared_dataset('cifar10'), tmp_path_factory.mktemp('tiny_val')
-    data = root / 'data'
-    for split, n in (('train', 6), ('val', 3)):
-        for cls in sorted(os.listdir(src / split)):
-            (data / split / cls).mkdir(parents=True)
-            for f in sorted(os.listdir(src / split / cls))[:n]:
-                shutil.copy(src / split / cls / f, data / split / cls / f)
+    data = make_tiny_folder(src, root / 'data', 6, 3)
     code = train_script.main([
         '--data-dir', str(data), '--model', 'isomix_iso_64_8_p2', '--model-kwargs', 'depth=4', '--img-size', '16',
         '-b', '10', '-j', '0', '--epochs', '2', '--warmup-epochs', '0', '--opt', 'adamw', '--lr', '3e-3',
