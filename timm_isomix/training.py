@@ -311,14 +311,18 @@ def make_output_dir(args: argparse.Namespace, device: torch.device, resume_dir: 
         name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
                          str(args.input_size[-1] if args.input_size else (args.img_size or 'default'))])
     folder = os.path.join(args.output or './output/train', name)
-    exists = os.path.isdir(folder) and bool(os.listdir(folder))
-    same_as_resume = resume_dir is not None and os.path.realpath(folder) == os.path.realpath(resume_dir)
-    if exists and not same_as_resume and not getattr(args, 'overwrite', False):
-        raise ConfigError(
-            f'experiment directory {folder} already exists; pass --resume {os.path.join(folder, "last.pth.tar")} '
-            f'to continue it, --overwrite to train into it anyway, or another --experiment')
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ConfigError(f'output path {folder} exists and is not a directory')
+    error = ''
+    if is_primary(args):  # rank 0 alone looks: the others would see the folder rank 0 is creating
+        exists = os.path.isdir(folder) and bool(os.listdir(folder))
+        same_as_resume = resume_dir is not None and os.path.realpath(folder) == os.path.realpath(resume_dir)
+        if exists and not same_as_resume and not getattr(args, 'overwrite', False):
+            error = (f'experiment directory {folder} already exists; pass --resume '
+                     f'{os.path.join(folder, "last.pth.tar")} to continue it, --overwrite to train into it anyway, '
+                     f'or another --experiment')
+        elif os.path.exists(folder) and not os.path.isdir(folder):
+            error = f'output path {folder} exists and is not a directory'
+    if not _all_agree(not error, args, device):
+        raise ConfigError(error or f'experiment directory {folder} cannot be used (see rank 0)')
     return _check_writable(folder, args, device)
 
 
