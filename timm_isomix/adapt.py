@@ -71,7 +71,7 @@ def transfer(
     model.add_task(task, num_classes, init_from=init_from)
     trainable = freeze_for_transfer(model, task, mode)
     history = fit_tasks(model, {task: train_set}, {task: val_set} if val_set is not None else None,
-                        params=trainable, frozen_stats=mode == 'linear', **fit_kwargs)
+                        frozen_stats=mode == 'linear', **fit_kwargs)
     for p in model.parameters():
         p.requires_grad_(True)
     return {'top1': history[-1].get(f'{task}_top1'), 'trainable': count_params(trainable),

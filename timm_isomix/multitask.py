@@ -330,34 +330,6 @@ class _JointStep(nn.Module):
         return sum(losses.values()), losses, correct
 
 
-def _param_groups(model: nn.Module, params: Optional[Iterable[nn.Parameter]], weight_decay: float,
-                  mixture_lr_mult: float) -> List[dict]:
-    """Mixture logits (no decay, lr * mult), 1-d parameters (no decay), the rest (decay)."""
-    allowed = None if params is None else {id(p) for p in params}
-    groups = {'logits': [], 'no_decay': [], 'decay': []}
-    seen = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen or (allowed is not None and id(p) not in allowed):
-            continue
-        seen.add(id(p))
-        if name.endswith('mixture.logits'):
-            groups['logits'].append(p)
-        elif p.ndim <= 1 or name.endswith('bank.affine'):
-            groups['no_decay'].append(p)
-        else:
-            groups['decay'].append(p)
-    out = []
-    if groups['logits']:
-        out.append(dict(params=groups['logits'], weight_decay=0., lr_mult=mixture_lr_mult))
-    if groups['no_decay']:
-        out.append(dict(params=groups['no_decay'], weight_decay=0.))
-    if groups['decay']:
-        out.append(dict(params=groups['decay'], weight_decay=weight_decay))
-    if not out:
-        raise ValueError('nothing to train: no parameter requires grad')
-    return out
-
-
 @torch.no_grad()
 def evaluate(model: MultiTaskIsoMix, task: str, dataset: Dataset, batch_size: int = 256,
              device: Union[str, torch.device] = 'cpu') -> float:
@@ -393,7 +365,6 @@ def fit_tasks(
         weight_decay: float = 0.05,
         mixture_lr_mult: float = 10.,
         warmup_epochs: int = 0,
-        params: Optional[Iterable[nn.Parameter]] = None,
         frozen_stats: bool = False,
         device: Union[str, torch.device] = 'cpu',
         seed: int = 0,
@@ -403,8 +374,8 @@ def fit_tasks(
     """Train tasks jointly with balanced task sampling: every step takes one batch of every task.
 
     An epoch has as many steps as the mean task has batches (small tasks cycle, large ones are
-    subsampled), so each task weighs the same whatever its size. Only `params` are trained (all
-    parameters requiring grad when None); with `frozen_stats`, BatchNorm statistics stay as they are
+    subsampled), so each task weighs the same whatever its size. The parameters requiring grad
+    are trained (freeze the others first, as adapt.freeze_for_transfer does); with `frozen_stats`, BatchNorm statistics stay as they are
     (eval mode), e.g. for a linear probe. Returns per-epoch metrics: train loss/accuracy and val
     top-1 per task.
     """
@@ -417,9 +388,10 @@ def fit_tasks(
     empty = [t for t, ds in train_sets.items() if len(ds) == 0]
     if empty:
         raise ValueError(f'tasks {empty} have no training data')
-    groups = _param_groups(model, params, weight_decay, mixture_lr_mult)
-    for g in groups:
-        g['lr'] = lr * g.pop('lr_mult', 1.)
+    from .training import mixture_param_groups  # lazy: training is the layer above
+    groups = mixture_param_groups(model, weight_decay, lr, mixture_lr_mult)
+    if not groups:
+        raise ValueError('nothing to train: no parameter requires grad')
     optimizer = create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     loaders = {}
