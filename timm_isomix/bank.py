@@ -58,8 +58,7 @@ class TemplateBank(nn.Module):
 
     def unflatten(self, weight_row: torch.Tensor, affine_row: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One layer's parameters, by name, as views into one row of (mixed) templates."""
-        parts = {'weight': weight_row.split(self.sizes['weight']), 'affine': affine_row.split(self.sizes['affine'])}
-        return {name: parts[group][i].view(shape) for name, (group, i, shape) in self.layout.items()}
+        return self.unflatten_rows(weight_row, affine_row, 1)[0]
 
     def unflatten_rows(self, weight: torch.Tensor, affine: torch.Tensor, n: int) -> List[Dict[str, torch.Tensor]]:
         """Every row's parameters, by name, as views into (R, P) rows: one split per group for all rows,
