@@ -8,7 +8,7 @@ medians over repetitions and the ratios are isomix / reference.
 Measured per case:
   - training step throughput (forward, backward, optimizer step), images/s;
   - inference throughput (eval mode, no grad), images/s;
-  - peak memory of training: on CPU the peak resident set (getrusage max RSS) during two training
+  - peak memory of training: on CPU the peak resident set (VmHWM, reset first) during two training
     steps minus the resident set before them (model, optimizer and batch built), each case in its own
     subprocess so that no case sees another's peak; on a GPU torch.cuda.max_memory_allocated;
   - the share of a profiled training step spent mixing templates (the mixtures' forward plus the
@@ -16,11 +16,20 @@ Measured per case:
   - FLOPs of one training step per image (torch.utils.flop_counter, forward and backward);
   - optionally the same throughputs under torch.compile.
 
+The reuse=2 case is also compared with timm's own ResNet of the same depth (the same blocks per stage
+as its schedule runs, hence the same FLOPs), which tells the cost of mixing from the cost of depth.
+
+On CPU the process first asks glibc's malloc to keep freed memory (`--allocator retain`, the default;
+see `retain_freed_memory`), as PyTorch's CUDA caching allocator does on a GPU: otherwise every block
+above glibc's mmap threshold (at most 32 MB) is unmapped on free and page-faulted back, zeroed by
+the kernel, on the next step, and that system time, not the models' work, dominates the ratios.
+
 Defaults fit a 2-core CPU (batch 32 at 128 px); on a GPU: bf16 autocast, channels_last, batch 256
 at 224 px. It prints a table and writes JSON.
 """
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -39,13 +48,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 from timm.layers import create_classifier
-from timm.models.resnet import BasicBlock
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.optim import create_optimizer_v2
 
 from .bank import Mixture, cyclic_order
-from .models import IsoMixNet
+from .models import IsoMixNet, IsoMixResNet
 
-__all__ = ['Case', 'make_cases', 'plain_isometric', 'run_benchmark', 'main']
+__all__ = ['Case', 'make_cases', 'plain_isometric', 'same_depth_resnet', 'retain_freed_memory', 'run_benchmark', 'main']
 
 # Autograd nodes that only the mixing creates: softmax(logits / temperature), alpha @ rows, and
 # the split of the rows into per-layer views. Neither timm's ResNet nor the plain reference has any
@@ -64,6 +73,7 @@ class Case:
     hard: bool = False              # replace the mixtures by their cyclic hard order (no mixing)
     reference: Optional[str] = None  # name of the case this one is compared with
     role: str = 'reference'         # soft1, hard1, reuse2, iso: which target applies
+    peer: Optional[str] = None      # a second reference of the same FLOPs (reported, no target)
 
 
 def make_cases(suite: str = 'resnet50') -> List[Case]:
@@ -78,7 +88,9 @@ def make_cases(suite: str = 'resnet50') -> List[Case]:
         Case(resnet, resnet),
         Case(f'{isomix} reuse=1 soft', isomix, dict(reuse=1), reference=resnet, role='soft1'),
         Case(f'{isomix} reuse=1 hard', isomix, dict(reuse=1), hard=True, reference=resnet, role='hard1'),
-        Case(f'{isomix} reuse=2 soft', isomix, dict(reuse=2), reference=resnet, role='reuse2'),
+        Case(f'{resnet} at reuse=2 depth', f'same_depth_resnet:{isomix}', dict(reuse=2)),
+        Case(f'{isomix} reuse=2 soft', isomix, dict(reuse=2), reference=resnet, role='reuse2',
+             peer=f'{resnet} at reuse=2 depth'),
         Case(f'plain {iso}', f'plain_isometric:{iso}'),
         Case(f'{iso} soft', iso, reference=f'plain {iso}', role='iso'),
     ]
@@ -97,9 +109,20 @@ def plain_isometric(iso: IsoMixNet) -> nn.Module:
     return nn.Sequential(stem, *blocks, pool, head)
 
 
+def same_depth_resnet(model: IsoMixResNet) -> ResNet:
+    """timm's ResNet with as many blocks per stage as `model` runs (its first block plus its schedule):
+    the same FLOPs, but every block with parameters of its own and no mixing."""
+    block = BasicBlock if model.stages[0].first.__class__ is BasicBlock else Bottleneck
+    layers = [1 + stage.schedule.num_layers for stage in model.stages]
+    return ResNet(block, layers, num_classes=model.num_classes, in_chans=model.in_chans)
+
+
 def build_model(case: Case, num_classes: int) -> nn.Module:
     if case.model.startswith('plain_isometric:'):
         return plain_isometric(timm.create_model(case.model.split(':', 1)[1], num_classes=num_classes))
+    if case.model.startswith('same_depth_resnet:'):
+        isomix = timm.create_model(case.model.split(':', 1)[1], num_classes=num_classes, **case.kwargs)
+        return same_depth_resnet(isomix)
     model = timm.create_model(case.model, num_classes=num_classes, **case.kwargs)
     if case.hard:
         model.set_schedule(order=[cyclic_order(m.num_layers, m.num_templates) for m in model.mixtures().values()])
@@ -143,6 +166,25 @@ class Runner:
     def sync(self) -> None:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process: no mmap for large blocks
+    (M_MMAP_MAX = 0) and no trimming of the heap below 2 GiB free (M_TRIM_THRESHOLD).
+
+    With glibc's defaults a training step on CPU unmaps its large activations and gradients when it
+    frees them and page-faults them back on the next step: on this project's 2-core VM that was up to
+    1.2 s of system time in a 1.2 s resnet50 step, varying from run to run with the allocator's state.
+    Returns False where there is no glibc mallopt (other platforms): timings then include that cost.
+    """
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
 
 
 def _timed(runner: Runner, fn: Callable[[], None], steps: int) -> float:
@@ -229,9 +271,29 @@ def _peak_memory_mb_here(case: Case, args: argparse.Namespace) -> float:
             runner.train_step()
         return (torch.cuda.max_memory_allocated(runner.device) - base) / 2 ** 20
     base = _current_rss_kib()
+    hwm = _reset_peak_rss()
     for _ in range(2):  # the first step also creates gradients and optimizer state
         runner.train_step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # ru_maxrss is in KiB on Linux
+    peak = _peak_rss_kib() if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return (peak - base) / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux >= 4.0), so that importing torch does not set the peak."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as fh:
+            fh.write('5')
+        return _peak_rss_kib() > 0
+    except OSError:
+        return False
+
+
+def _peak_rss_kib() -> int:
+    with open('/proc/self/status') as fh:
+        for line in fh:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1])
+    return 0
 
 
 def _current_rss_kib() -> int:
@@ -296,7 +358,10 @@ def targets(results: Dict[str, Dict[str, Any]], cases: Sequence[Case], on_gpu: b
         elif c.role == 'reuse2':
             # step time <= 1.05 * flop ratio * reference step time  <=>  throughput ratio >= 1 / (1.05 * flop ratio)
             flop_ratio = _ratio(r['train_flops_per_image'], results[c.reference]['train_flops_per_image'])
-            add(f'train step {c.name} / {c.reference} (FLOP ratio {flop_ratio:.3f})', r['train_ratio'],
+            peer = ''
+            if r.get('train_ratio_peer') is not None:
+                peer = f"; / {c.peer}: train {r['train_ratio_peer']:.3f}, infer {r['infer_ratio_peer']:.3f}"
+            add(f'train step {c.name} / {c.reference} (FLOP ratio {flop_ratio:.3f}{peer})', r['train_ratio'],
                 round(1 / (1.05 * flop_ratio), 4))
         for mode in ('train', 'infer'):
             compiled = r.get(f'compiled_{mode}_img_s')
@@ -347,6 +412,10 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
             unit = '_mb' if key == 'peak_memory' else '_img_s'
             if ref is not None:
                 r[f'{key}_ratio'] = _ratio(r.get(key + unit), ref.get(key + unit))
+        peer = results.get(c.peer) if c.peer else None
+        if peer is not None:
+            r['train_ratio_peer'] = _ratio(r.get('train_img_s'), peer.get('train_img_s'))
+            r['infer_ratio_peer'] = _ratio(r.get('infer_img_s'), peer.get('infer_img_s'))
         if ref is not None:
             # paired: ratio within each repetition, then the median (robust to load drifting between repetitions)
             for mode in ('train', 'infer'):
@@ -358,9 +427,9 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
         settings=dict(suite=args.suite, device=args.device, batch_size=args.batch_size, img_size=args.img_size,
                       amp_bf16=args.amp, channels_last=args.channels_last, reps=args.reps, warmup=args.warmup,
                       train_steps=args.train_steps, infer_steps=args.infer_steps, compile=args.compile,
-                      compile_warmup=args.compile_warmup,
+                      compile_warmup=args.compile_warmup, allocator=args.allocator_in_effect,
                       memory_method='cuda max_memory_allocated' if device.type == 'cuda' else
-                      'peak RSS (getrusage) over two training steps minus RSS before them, one subprocess per case'),
+                      'peak RSS (VmHWM, reset first) over two training steps minus RSS before them, one subprocess per case'),
         command='python -m timm_isomix.benchmark ' + ' '.join(argv),
         cases=results,
         targets=targets(results, cases, device.type == 'cuda'),
@@ -389,7 +458,8 @@ def format_table(report: Dict[str, Any]) -> str:
         mark = {True: 'met', False: 'MISSED', None: 'n/a'}[t['met']]
         lines.append(f"{mark:6s} {t['target']}: {f(t['value'], '.3f')} (>= {t['threshold']})")
     s = report['settings']
-    lines.append(f"batch {s['batch_size']} x {s['img_size']} px on {s['device']}, {s['reps']} repetitions; "
+    lines.append(f"batch {s['batch_size']} x {s['img_size']} px on {s['device']}, {s['reps']} repetitions, "
+                 f"allocator {s['allocator']}; "
                  f"load before {report['load_before']['loadavg']}, after {report['load_after']['loadavg']}")
     return '\n'.join(lines)
 
@@ -415,6 +485,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--compile-warmup', type=int, default=3, help='extra warm-up steps for compiled models')
     p.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True, help='measure the mixing share')
     p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True, help='measure peak memory')
+    p.add_argument('--allocator', default='retain', choices=('retain', 'default'),
+                   help="CPU memory: 'retain' keeps freed memory in the process (glibc mallopt, as the CUDA "
+                        "caching allocator does on a GPU); 'default' leaves glibc's malloc as it is")
     p.add_argument('--json', default='benchmark.json', help='where to write the JSON report')
     p.add_argument('--memory-probe', default=None, help=argparse.SUPPRESS)  # internal: one case's peak memory
     args = p.parse_args(argv)
@@ -436,6 +509,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.allocator_in_effect = 'default'
+    if args.allocator == 'retain':
+        if retain_freed_memory():
+            args.allocator_in_effect = 'retain (glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)'
+        else:
+            print('--allocator retain: no glibc mallopt here; timing with the default allocator', file=sys.stderr)
     if args.memory_probe is not None:
         case = {c.name: c for c in make_cases(args.suite)}[args.memory_probe]
         print(json.dumps(dict(case=case.name, peak_memory_mb=_peak_memory_mb_here(case, args))))
