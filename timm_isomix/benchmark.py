@@ -8,6 +8,7 @@ medians over repetitions and the ratios are isomix / reference.
 Measured per case:
   - training step throughput (forward, backward, optimizer step), images/s;
   - inference throughput (eval mode, no grad), images/s;
+  - per step, the process's system time and page-faulted memory (getrusage): the kernel's share;
   - peak memory of training: on CPU the peak resident set (VmHWM, reset first) during two training
     steps minus the resident set before them (model, optimizer and batch built), each case in its own
     subprocess so that no case sees another's peak; on a GPU torch.cuda.max_memory_allocated;
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -187,18 +188,23 @@ def retain_freed_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
 
 
-def _timed(runner: Runner, fn: Callable[[], None], steps: int) -> float:
-    """Images per second over `steps` calls of fn."""
+def _timed(runner: Runner, fn: Callable[[], None], steps: int) -> Tuple[float, float, float]:
+    """Images per second over `steps` calls of fn, and per call the process's system time (s) and
+    page-faulted memory (MB): the kernel's share, which the allocator setting decides."""
     runner.sync()
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
         fn()
     runner.sync()
-    return steps * runner.x.shape[0] / (time.perf_counter() - start)
+    elapsed, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    page_mb = resource.getpagesize() / 2 ** 20
+    return (steps * runner.x.shape[0] / elapsed, (after.ru_stime - before.ru_stime) / steps,
+            (after.ru_minflt - before.ru_minflt) * page_mb / steps)
 
 
-def interleaved_throughput(runners: Sequence[Runner], train: bool, args: argparse.Namespace) -> List[List[float]]:
-    """Images/s of every runner in every repetition; the case order rotates each repetition."""
+def interleaved_throughput(
+        runners: Sequence[Runner], train: bool, args: argparse.Namespace) -> List[List[Tuple[float, float, float]]]:
+    """_timed() of every runner in every repetition; the case order rotates each repetition."""
     for r in runners:
         r.model.train(train)
     fns = [r.train_step if train else r.infer_step for r in runners]
@@ -208,7 +214,7 @@ def interleaved_throughput(runners: Sequence[Runner], train: bool, args: argpars
         for _ in range(args.warmup + (args.compile_warmup if r.compiled else 0)):
             fn()
         r.sync()
-    results: List[List[float]] = [[] for _ in runners]
+    results: List[List[Tuple[float, float, float]]] = [[] for _ in runners]
     for rep in range(args.reps):
         for j in range(len(runners)):
             i = (j + rep) % len(runners)
@@ -391,8 +397,10 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
     for mode in ('train', 'infer'):
         print(f'timing {mode} ({args.reps} interleaved repetitions; {len(compiled)} compiled)...', file=sys.stderr)
         for (c, prefix), runs in zip(timed, interleaved_throughput(all_runners, mode == 'train', args)):
-            results[c.name][f'{prefix}{mode}_img_s_runs'] = runs
-            results[c.name][f'{prefix}{mode}_img_s'] = _median(runs)
+            results[c.name][f'{prefix}{mode}_img_s_runs'] = [r[0] for r in runs]
+            results[c.name][f'{prefix}{mode}_system_s_per_step'] = _median([r[1] for r in runs])
+            results[c.name][f'{prefix}{mode}_page_fault_mb_per_step'] = _median([r[2] for r in runs])
+            results[c.name][f'{prefix}{mode}_img_s'] = _median(results[c.name][f'{prefix}{mode}_img_s_runs'])
     del all_runners
 
     if args.profile:
@@ -441,13 +449,13 @@ def format_table(report: Dict[str, Any]) -> str:
     """The report as a text table (ratios are isomix / reference)."""
     def f(v, fmt):
         return '-' if v is None else format(v, fmt)
-    cols = ['case', 'GFLOP/img', 'train img/s', 'ratio', 'infer img/s', 'ratio', 'mix share', 'peak MB',
+    cols = ['case', 'GFLOP/img', 'train img/s', 'ratio', 'sys s/step', 'infer img/s', 'ratio', 'mix share', 'peak MB',
             'ratio', 'compiled train', 'compiled infer']
     rows = []
     for name, r in report['cases'].items():
         rows.append([
             name, f(r['train_flops_per_image'] / 1e9, '.2f'), f(r.get('train_img_s'), '.1f'),
-            f(r.get('train_ratio'), '.3f'), f(r.get('infer_img_s'), '.1f'), f(r.get('infer_ratio'), '.3f'),
+            f(r.get('train_ratio'), '.3f'), f(r.get('train_system_s_per_step'), '.2f'), f(r.get('infer_img_s'), '.1f'), f(r.get('infer_ratio'), '.3f'),
             f(r.get('mix_share'), '.1%'), f(r.get('peak_memory_mb'), '.0f'), f(r.get('peak_memory_ratio'), '.3f'),
             f(r.get('compiled_train_img_s'), '.1f'), f(r.get('compiled_infer_img_s'), '.1f')])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
