@@ -36,6 +36,17 @@ def test_benchmark_runs_a_tiny_suite_and_writes_every_case_and_target_as_json(tm
     assert 'resnet18' in capsys.readouterr().out  # the table
 
 
+def test_modes_time_only_what_is_asked(tmp_path):
+    out = tmp_path / 'bench.json'
+    benchmark.main([*TINY, '--no-profile', '--modes', 'infer', '--json', str(out)])
+    report = json.loads(out.read_text())
+    reuse2 = report['cases']['isomix_resnet18 reuse=2 soft']
+    assert reuse2['infer_img_s'] > 0 and 'train_img_s' not in reuse2
+    assert reuse2['infer_ratio_peer'] > 0 and reuse2['train_ratio_peer'] is None
+    train_targets = [t for t in report['targets'] if t['target'].startswith('train')]
+    assert train_targets and all(t['met'] is None for t in train_targets)  # reported as n/a, not as missed
+
+
 def test_memory_probe_reports_the_peak_training_memory_of_one_case(capsys):
     benchmark.main([*TINY, '--memory-probe', 'isomix_resnet18 reuse=1 hard'])
     probe = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -364,9 +364,9 @@ def targets(results: Dict[str, Dict[str, Any]], cases: Sequence[Case], on_gpu: b
         elif c.role == 'reuse2':
             # step time <= 1.05 * flop ratio * reference step time  <=>  throughput ratio >= 1 / (1.05 * flop ratio)
             flop_ratio = _ratio(r['train_flops_per_image'], results[c.reference]['train_flops_per_image'])
-            peer = ''
-            if r.get('train_ratio_peer') is not None:
-                peer = f"; / {c.peer}: train {r['train_ratio_peer']:.3f}, infer {r['infer_ratio_peer']:.3f}"
+            peer = ''.join(f', {mode} {r[key]:.3f}' for mode, key in (('train', 'train_ratio_peer'),
+                                                                       ('infer', 'infer_ratio_peer')) if r.get(key))
+            peer = f'; / {c.peer}:{peer[1:]}' if peer else ''
             add(f'train step {c.name} / {c.reference} (FLOP ratio {flop_ratio:.3f}{peer})', r['train_ratio'],
                 round(1 / (1.05 * flop_ratio), 4))
         for mode in ('train', 'infer'):
@@ -394,7 +394,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
     timed = [(c, '') for c in cases] + [(c, 'compiled_') for c in compiled]
     all_runners = runners + [Runner(c, args, compiled=True) for c in compiled]
 
-    for mode in ('train', 'infer'):
+    for mode in args.modes:
         print(f'timing {mode} ({args.reps} interleaved repetitions; {len(compiled)} compiled)...', file=sys.stderr)
         for (c, prefix), runs in zip(timed, interleaved_throughput(all_runners, mode == 'train', args)):
             results[c.name][f'{prefix}{mode}_img_s_runs'] = [r[0] for r in runs]
@@ -426,7 +426,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
             r['infer_ratio_peer'] = _ratio(r.get('infer_img_s'), peer.get('infer_img_s'))
         if ref is not None:
             # paired: ratio within each repetition, then the median (robust to load drifting between repetitions)
-            for mode in ('train', 'infer'):
+            for mode in args.modes:
                 r[f'{mode}_ratio_paired'] = _median(
                     [a / b for a, b in zip(r[f'{mode}_img_s_runs'], ref[f'{mode}_img_s_runs'])])
 
@@ -434,7 +434,8 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
         machine=_machine(device), load_before=load_before, load_after=_load(),
         settings=dict(suite=args.suite, device=args.device, batch_size=args.batch_size, img_size=args.img_size,
                       amp_bf16=args.amp, channels_last=args.channels_last, reps=args.reps, warmup=args.warmup,
-                      train_steps=args.train_steps, infer_steps=args.infer_steps, compile=args.compile,
+                      modes=args.modes, train_steps=args.train_steps, infer_steps=args.infer_steps,
+                      compile=args.compile,
                       compile_warmup=args.compile_warmup, allocator=args.allocator_in_effect,
                       memory_method='cuda max_memory_allocated' if device.type == 'cuda' else
                       'peak RSS (VmHWM, reset first) over two training steps minus RSS before them, one subprocess per case'),
@@ -484,6 +485,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None, help='bf16 autocast (default on GPU)')
     p.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
                    help='channels_last memory format (default on GPU)')
+    p.add_argument('--modes', nargs='+', default=['train', 'infer'], choices=('train', 'infer'),
+                   help='what to time: training steps, inference, or both (default)')
     p.add_argument('--reps', type=int, default=5, help='timed repetitions per case (medians are reported)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per case before timing')
     p.add_argument('--train-steps', type=int, default=2, help='training steps per timed repetition')
