@@ -509,6 +509,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.img_size = (224 if gpu else 128) if args.img_size is None else args.img_size
     args.amp = gpu if args.amp is None else args.amp
     args.channels_last = gpu if args.channels_last is None else args.channels_last
+    args.allocator_in_effect = 'default'  # main() records 'retain' once mallopt has taken it
     for name in ('batch_size', 'img_size', 'reps', 'train_steps', 'infer_steps'):
         if getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
@@ -520,7 +521,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    args.allocator_in_effect = 'default'
     if args.allocator == 'retain':
         if retain_freed_memory():
             args.allocator_in_effect = 'retain (glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)'
