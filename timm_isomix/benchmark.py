@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 from timm.layers import create_classifier
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.resnet import BasicBlock, ResNet
 from timm.optim import create_optimizer_v2
 
 from .bank import Mixture, cyclic_order
@@ -113,8 +113,8 @@ def plain_isometric(iso: IsoMixNet) -> nn.Module:
 def same_depth_resnet(model: IsoMixResNet) -> ResNet:
     """timm's ResNet with as many blocks per stage as `model` runs (its first block plus its schedule):
     the same FLOPs, but every block with parameters of its own and no mixing."""
-    block = BasicBlock if model.stages[0].first.__class__ is BasicBlock else Bottleneck
     layers = [1 + stage.schedule.num_layers for stage in model.stages]
+    block = type(model.stages[0].first)  # timm's BasicBlock or Bottleneck
     return ResNet(block, layers, num_classes=model.num_classes, in_chans=model.in_chans)
 
 
@@ -364,9 +364,8 @@ def targets(results: Dict[str, Dict[str, Any]], cases: Sequence[Case], on_gpu: b
         elif c.role == 'reuse2':
             # step time <= 1.05 * flop ratio * reference step time  <=>  throughput ratio >= 1 / (1.05 * flop ratio)
             flop_ratio = _ratio(r['train_flops_per_image'], results[c.reference]['train_flops_per_image'])
-            peer = ''.join(f', {mode} {r[key]:.3f}' for mode, key in (('train', 'train_ratio_peer'),
-                                                                       ('infer', 'infer_ratio_peer')) if r.get(key))
-            peer = f'; / {c.peer}:{peer[1:]}' if peer else ''
+            peer = ', '.join(f'{m} {r[m + "_ratio_peer"]:.3f}' for m in ('train', 'infer') if r.get(m + '_ratio_peer'))
+            peer = f'; / {c.peer}: {peer}' if peer else ''
             add(f'train step {c.name} / {c.reference} (FLOP ratio {flop_ratio:.3f}{peer})', r['train_ratio'],
                 round(1 / (1.05 * flop_ratio), 4))
         for mode in ('train', 'infer'):
@@ -397,10 +396,10 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
     for mode in args.modes:
         print(f'timing {mode} ({args.reps} interleaved repetitions; {len(compiled)} compiled)...', file=sys.stderr)
         for (c, prefix), runs in zip(timed, interleaved_throughput(all_runners, mode == 'train', args)):
-            results[c.name][f'{prefix}{mode}_img_s_runs'] = [r[0] for r in runs]
-            results[c.name][f'{prefix}{mode}_system_s_per_step'] = _median([r[1] for r in runs])
-            results[c.name][f'{prefix}{mode}_page_fault_mb_per_step'] = _median([r[2] for r in runs])
-            results[c.name][f'{prefix}{mode}_img_s'] = _median(results[c.name][f'{prefix}{mode}_img_s_runs'])
+            img_s, system_s, fault_mb = zip(*runs)
+            out, key = results[c.name], prefix + mode
+            out[f'{key}_img_s_runs'], out[f'{key}_img_s'] = list(img_s), _median(img_s)
+            out[f'{key}_system_s_per_step'], out[f'{key}_page_fault_mb_per_step'] = _median(system_s), _median(fault_mb)
     del all_runners
 
     if args.profile:
@@ -421,9 +420,8 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
             if ref is not None:
                 r[f'{key}_ratio'] = _ratio(r.get(key + unit), ref.get(key + unit))
         peer = results.get(c.peer) if c.peer else None
-        if peer is not None:
-            r['train_ratio_peer'] = _ratio(r.get('train_img_s'), peer.get('train_img_s'))
-            r['infer_ratio_peer'] = _ratio(r.get('infer_img_s'), peer.get('infer_img_s'))
+        for mode in ('train', 'infer') if peer is not None else ():
+            r[f'{mode}_ratio_peer'] = _ratio(r.get(f'{mode}_img_s'), peer.get(f'{mode}_img_s'))
         if ref is not None:
             # paired: ratio within each repetition, then the median (robust to load drifting between repetitions)
             for mode in args.modes:
@@ -435,10 +433,10 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
         settings=dict(suite=args.suite, device=args.device, batch_size=args.batch_size, img_size=args.img_size,
                       amp_bf16=args.amp, channels_last=args.channels_last, reps=args.reps, warmup=args.warmup,
                       modes=args.modes, train_steps=args.train_steps, infer_steps=args.infer_steps,
-                      compile=args.compile,
-                      compile_warmup=args.compile_warmup, allocator=args.allocator_in_effect,
+                      compile=args.compile, compile_warmup=args.compile_warmup, allocator=args.allocator_in_effect,
                       memory_method='cuda max_memory_allocated' if device.type == 'cuda' else
-                      'peak RSS (VmHWM, reset first) over two training steps minus RSS before them, one subprocess per case'),
+                      'peak RSS (VmHWM, reset first) over two training steps minus RSS before them, '
+                      'one subprocess per case'),
         command='python -m timm_isomix.benchmark ' + ' '.join(argv),
         cases=results,
         targets=targets(results, cases, device.type == 'cuda'),
@@ -450,13 +448,14 @@ def format_table(report: Dict[str, Any]) -> str:
     """The report as a text table (ratios are isomix / reference)."""
     def f(v, fmt):
         return '-' if v is None else format(v, fmt)
-    cols = ['case', 'GFLOP/img', 'train img/s', 'ratio', 'sys s/step', 'infer img/s', 'ratio', 'mix share', 'peak MB',
-            'ratio', 'compiled train', 'compiled infer']
+    cols = ['case', 'GFLOP/img', 'train img/s', 'ratio', 'sys s/step', 'infer img/s', 'ratio', 'mix share',
+            'peak MB', 'ratio', 'compiled train', 'compiled infer']
     rows = []
     for name, r in report['cases'].items():
         rows.append([
             name, f(r['train_flops_per_image'] / 1e9, '.2f'), f(r.get('train_img_s'), '.1f'),
-            f(r.get('train_ratio'), '.3f'), f(r.get('train_system_s_per_step'), '.2f'), f(r.get('infer_img_s'), '.1f'), f(r.get('infer_ratio'), '.3f'),
+            f(r.get('train_ratio'), '.3f'), f(r.get('train_system_s_per_step'), '.2f'),
+            f(r.get('infer_img_s'), '.1f'), f(r.get('infer_ratio'), '.3f'),
             f(r.get('mix_share'), '.1%'), f(r.get('peak_memory_mb'), '.0f'), f(r.get('peak_memory_ratio'), '.3f'),
             f(r.get('compiled_train_img_s'), '.1f'), f(r.get('compiled_infer_img_s'), '.1f')])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
@@ -492,7 +491,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--train-steps', type=int, default=2, help='training steps per timed repetition')
     p.add_argument('--infer-steps', type=int, default=3, help='inference batches per timed repetition')
     p.add_argument('--compile', default='main', choices=('none', 'main', 'all'),
-                   help="torch.compile: none, 'main' (reuse=1 soft and its reference; compiling takes minutes on CPU) or all")
+                   help="torch.compile: none, 'main' (reuse=1 soft and its reference; compiling takes minutes "
+                        "on CPU) or all")
     p.add_argument('--compile-warmup', type=int, default=3, help='extra warm-up steps for compiled models')
     p.add_argument('--profile', action=argparse.BooleanOptionalAction, default=True, help='measure the mixing share')
     p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True, help='measure peak memory')
