@@ -40,7 +40,7 @@ else
     # A class-balanced subset of the real CIFAR-10 (symlinks, made once), so the run takes minutes.
     DATA=$("$PY" - "${TRAIN_PER_CLASS:-250}" "${VAL_PER_CLASS:-100}" <<'PYEOF'
 import os, sys
-from timm_isomix.datasets import prepare_dataset
+from timm_isomix.train.datasets import prepare_dataset
 ntrain, nval = int(sys.argv[1]), int(sys.argv[2])
 try:
     src = prepare_dataset('cifar10')

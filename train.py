@@ -4,14 +4,15 @@
     python train.py -c hparams/isomix_resnet18_imagenette128.yaml --data-dir /path/to/imagenette128
     torchrun --nproc_per_node=8 train.py -c hparams/isomix_resnet50_in1k.yaml --data-dir /data/imagenet
 
-The logic lives in timm_isomix.training; this file only parses arguments and reports errors.
+The logic lives in timm_isomix.train (one model) and timm_isomix.tasks (--tasks: several tasks over one
+bank); this file only parses arguments and reports errors.
 """
 import logging
 import sys
 
 from timm.utils import setup_default_logging
 
-from timm_isomix.config import ConfigError, parse_train_args
+from timm_isomix.train.config import ConfigError, parse_train_args
 
 
 def main(argv=None) -> int:
@@ -20,13 +21,14 @@ def main(argv=None) -> int:
     try:
         args, args_text = parse_train_args(argv)
         if args.tasks:
+            from timm_isomix.tasks.multitask import config_from_flags, train_tasks
             try:
-                from timm_isomix.multitask import train_tasks
-            except ImportError as e:
-                raise ConfigError(f'--tasks needs timm_isomix.multitask, which cannot be imported: {e}') from None
-            train_tasks(args)
+                config = config_from_flags(args)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f'--tasks {args.tasks}: {e}') from None
+            train_tasks(config)
             return 0
-        from timm_isomix.training import train
+        from timm_isomix.train.run import train
         out = train(args, args_text)
     except ConfigError as e:
         print(f'train.py: error: {e}', file=sys.stderr)

@@ -4,20 +4,20 @@
     python validate.py --checkpoint output/train/exp/model_best.pth.tar --data-dir /data/imagenette128 --split val
     python validate.py --model 'isomix_*' --pretrained --data-dir /data/imagenet --results-file results.csv
 
-The logic lives in timm_isomix.validation; this file only parses arguments and reports errors.
+The logic lives in timm_isomix.train.validation; this file only parses arguments and reports errors.
 """
 import logging
 import sys
 
 from timm.utils import setup_default_logging
 
-from timm_isomix.config import ConfigError
+from timm_isomix.train.config import ConfigError
 
 
 def main(argv=None) -> int:
     if not logging.getLogger().handlers:  # called again in one process (tests), keep the first setup
         setup_default_logging()
-    from timm_isomix.validation import build_validate_parser, validate_many, write_results
+    from timm_isomix.train.validation import build_validate_parser, validate_many, write_results
     args = build_validate_parser().parse_args(argv)
     try:
         results = validate_many(args)

@@ -6,7 +6,7 @@
    one mixture and statistics per domain).
 2. Adds the target MNIST-M as a new task: the shared head, mixture logits = mean of the sources',
    statistics copied from MNIST. Only the target's mixture logits are then adapted on unlabelled
-   MNIST-M images with the objective documented in timm_isomix/adapt.py (entropy minimization with a
+   MNIST-M images with the objective documented in timm_isomix/tasks/adaptation.py (entropy minimization with a
    diversity term, plus M3SDA moment matching of pooled features to each source), after re-estimating
    the target's BatchNorm statistics (AdaBN). Target labels are used only to report accuracy.
 Writes adaptation-results.md/json and the mixture heatmap with the target.
@@ -14,14 +14,16 @@ Writes adaptation-results.md/json and the mixture heatmap with the target.
 import argparse
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from timm_isomix.adapt import adapt_target, reestimate_stats
-from timm_isomix.datasets import prepare_dataset
-from timm_isomix.multitask import evaluate, load_task_data, load_task_model, read_task_config, train_tasks
-from timm_isomix.plot_tasks import js_sharing, plot_sharing, plot_task_mixtures
+from timm_isomix.tasks.adaptation import adapt_target
+from timm_isomix.tasks.transfer import reestimate_stats
+from timm_isomix.train.datasets import prepare_dataset
+from timm_isomix.tasks.data import load_task_data
+from timm_isomix.tasks.fit import evaluate
+from timm_isomix.tasks.multitask import load_task_model, read_task_config, train_tasks
+from timm_isomix.train.plots import js_sharing, plot_sharing, plot_task_mixtures
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +44,7 @@ def main():
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (1: best on a shared 2-core CPU)')
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = read_task_config(a.tasks)
+    cfg = read_task_config(a.tasks).to_dict()
     if a.epochs is not None:
         cfg['epochs'] = a.epochs
     by_name = {t['name']: t for t in cfg['tasks']}
@@ -52,7 +54,7 @@ def main():
         out_dir = Path(a.from_model).parent
         r = json.loads((out_dir / 'results.json').read_text())
     else:
-        r = train_tasks(SimpleNamespace(tasks=cfg, output=a.out, experiment='adaptation-sources', seed=a.seed))
+        r = train_tasks({**cfg, 'output': a.out, 'experiment': 'adaptation-sources', 'seed': a.seed})
         out_dir = Path(r['out_dir'])
     model = load_task_model(out_dir / 'model.pth')
     tgt = by_name[a.target]

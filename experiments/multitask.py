@@ -12,11 +12,10 @@ results.md / results.json with accuracy and parameters.
 import argparse
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from timm_isomix.multitask import read_task_config, train_tasks
+from timm_isomix.tasks.multitask import read_task_config, train_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,19 +30,19 @@ def main():
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (1: best on a shared 2-core CPU)')
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    base = read_task_config(a.tasks)
+    base = read_task_config(a.tasks).to_dict()
     for key, value in (('epochs', a.epochs), ('train_limit', a.train_limit)):
         if value is not None:
             base[key] = value
     names = [t['name'] for t in base['tasks']]
     runs = {}
     for method, extra in (('isomix', {}), ('hard-shared', {'hard_shared': True})):
-        r = train_tasks(SimpleNamespace(tasks={**base, **extra}, output=a.out, experiment=f'multitask-{method}', seed=a.seed))
+        r = train_tasks({**{**base, **extra}, 'output': a.out, 'experiment': f'multitask-{method}', 'seed': a.seed})
         runs[method] = dict(top1=r['top1'], params=r['params'], own=r['task_params'], js=r['js_per_layer'], dir=r['out_dir'])
     indep = {'top1': {}, 'params': 0, 'own': {}, 'dir': []}
     for t in base['tasks']:
-        r = train_tasks(SimpleNamespace(tasks={**base, 'tasks': [t]}, output=a.out,
-                                        experiment=f'multitask-independent-{t["name"]}', seed=a.seed))
+        r = train_tasks({**base, 'tasks': [t], 'output': a.out, 'experiment': f'multitask-independent-{t["name"]}',
+                         'seed': a.seed})
         indep['top1'][t['name']] = r['top1'][t['name']]
         indep['params'] += r['params']
         indep['own'][t['name']] = r['params']

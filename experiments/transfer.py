@@ -14,14 +14,15 @@ import argparse
 import copy
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from timm_isomix.adapt import transfer
-from timm_isomix.datasets import prepare_dataset
-from timm_isomix.multitask import count_params, load_task_data, load_task_model, read_task_config, train_tasks
-from timm_isomix.plot_tasks import js_sharing, plot_sharing, plot_task_mixtures
+from timm_isomix.tasks.transfer import transfer
+from timm_isomix.train.datasets import prepare_dataset
+from timm_isomix.models.multitask import count_params
+from timm_isomix.tasks.data import load_task_data
+from timm_isomix.tasks.multitask import load_task_model, read_task_config, train_tasks
+from timm_isomix.train.plots import js_sharing, plot_sharing, plot_task_mixtures
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,12 +39,12 @@ def main():
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (1: best on a shared 2-core CPU)')
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = read_task_config(a.tasks)
+    cfg = read_task_config(a.tasks).to_dict()
     if a.epochs is not None:
         cfg['epochs'] = a.epochs
     held = next(t for t in cfg['tasks'] if t['name'] == a.held_out)
     cfg['tasks'] = [t for t in cfg['tasks'] if t['name'] != a.held_out]
-    r = train_tasks(SimpleNamespace(tasks=cfg, output=a.out, experiment='transfer-pretrain', seed=a.seed))
+    r = train_tasks({**cfg, 'output': a.out, 'experiment': 'transfer-pretrain', 'seed': a.seed})
     out_dir = Path(r['out_dir'])
     model = load_task_model(out_dir / 'model.pth')
     root = prepare_dataset(held['data'])

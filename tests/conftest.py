@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from timm_isomix.datasets import find_archive, prepare_dataset
+from timm_isomix.train.datasets import find_archive, prepare_dataset
 
 
 @pytest.fixture(scope='session')

@@ -5,8 +5,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import timm_isomix  # noqa: F401  (registers the models)
-from timm_isomix.adapt import adapt_target, adaptation_loss, freeze_for_transfer, reestimate_stats, transfer
-from timm_isomix.multitask import MultiTaskIsoMix, count_params
+from timm_isomix.tasks.adaptation import adapt_target, adaptation_loss
+from timm_isomix.tasks.transfer import freeze_for_transfer, reestimate_stats, transfer
+from timm_isomix.models.multitask import MultiTaskIsoMix, count_params
 
 TINY = dict(width=8, depth=4, num_templates=2, patch_size=4, zero_init_last=False)
 

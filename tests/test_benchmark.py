@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from timm_isomix import benchmark
+from timm_isomix.tools import benchmark
 
 TINY = ['--suite', 'tiny', '--batch-size', '2', '--img-size', '32', '--reps', '1', '--warmup', '0',
         '--train-steps', '1', '--infer-steps', '1', '--compile', 'none', '--no-memory',
@@ -80,7 +80,7 @@ def test_same_depth_resnet_runs_the_blocks_the_schedule_runs_with_the_same_flops
 
 PAGE_FAULTS = '''
 import resource, statistics, sys, torch
-from timm_isomix.benchmark import retain_freed_memory
+from timm_isomix.tools.benchmark import retain_freed_memory
 retained = retain_freed_memory() if sys.argv[1] == 'retain' else False
 faults = []
 for _ in range(8):

@@ -101,14 +101,14 @@ def test_unknown_yaml_key_and_wrongly_typed_value_are_reported(tiny, tmp_path, c
 
 
 def test_timm_recipe_keys_are_accepted(tmp_path):
-    from timm_isomix.config import build_train_parser, check_config, load_config
+    from timm_isomix.train.config import build_train_parser, check_config, load_config
     parser = build_train_parser()
     for recipe in ('isomix_resnet50_in1k', 'isomix_resnet50_ft_from_resnet50', 'isomix_resnet18_imagenette128',
                    'isomix_iso_cifar10'):
         check_config(load_config(str(ROOT / 'hparams' / f'{recipe}.yaml')), parser, recipe)
     # keys an older timm wrote into args.yaml pass when they change nothing, and are refused when they would
     assert check_config({'apex_amp': False, 'native_amp': False, 'batch_size': 64}, parser) == {'batch_size': 64}
-    from timm_isomix.config import ConfigError
+    from timm_isomix.train.config import ConfigError
     with pytest.raises(ConfigError, match="'apex_amp'=True is not supported"):
         check_config({'apex_amp': True}, parser)
 

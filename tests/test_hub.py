@@ -1,6 +1,6 @@
 """Loading isomix weights: published tags, hf-hub / local-dir / file sources, safety and clear errors.
 
-The round trip at the end goes over real HTTP on 127.0.0.1 only: `python -m timm_isomix.publish` (timm's
+The round trip at the end goes over real HTTP on 127.0.0.1 only: `python -m timm_isomix.hub.publish` (timm's
 push_to_hf_hub) commits through the Hub's commit API (tests/hubserver.py: CommitServer) into a git
 repository that olah (a Hub-compatible server from PyPI, offline) serves; a fresh process with its own
 HF_HOME and HF_ENDPOINT pointing at olah downloads it through huggingface_hub.
@@ -18,7 +18,8 @@ import timm
 from safetensors.torch import load_file, save_file
 
 import timm_isomix  # noqa: F401
-from timm_isomix import hub, publish
+from timm_isomix import hub
+from timm_isomix.hub import publish
 
 from hubserver import OLAH_CLI, CommitServer, OlahHub, write_train_checkpoint
 
@@ -71,7 +72,7 @@ def test_an_unpublished_tag_names_the_org_set_after_import_and_the_publish_comma
     monkeypatch.setenv(hub.ORG_ENV, 'my-lab')
     with pytest.raises(hub.WeightsNotPublishedError,
                        match=r'weights of my-lab/isomix_iso_64_8_p2.cifar10 are not published.*'
-                             r'`python -m timm_isomix.publish CHECKPOINT --repo-id my-lab/isomix_iso_64_8_p2.cifar10`'):
+                             r'`python -m timm_isomix.hub.publish CHECKPOINT --repo-id my-lab/isomix_iso_64_8_p2.cifar10`'):
         timm.create_model('isomix_iso_64_8_p2.cifar10', pretrained=True)
     assert asked == ['my-lab/isomix_iso_64_8_p2.cifar10']
 
@@ -195,7 +196,7 @@ def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(ola
     commits = CommitServer(olah).start()
     try:
         res = subprocess.run(
-            [sys.executable, '-m', 'timm_isomix.publish', str(ckpt_path), '--repo-id', 'acme/isomix_iso_64_8_p2.cifar10'],
+            [sys.executable, '-m', 'timm_isomix.hub.publish', str(ckpt_path), '--repo-id', 'acme/isomix_iso_64_8_p2.cifar10'],
             env=_env(tmp_path / 'publisher', commits.endpoint, HF_TOKEN='hf_local_test'),
             capture_output=True, text=True, timeout=240)
     finally:
@@ -229,5 +230,5 @@ def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(ola
         assert torch.equal(loaded[f'{key}/output'], expected)
     assert report['unpublished'].startswith('WeightsNotPublishedError: the weights of acme/isomix_iso_128_16_p2.cifar10 '
                                             'are not published')
-    assert 'python -m timm_isomix.publish CHECKPOINT --repo-id acme/isomix_iso_128_16_p2.cifar10' in report['unpublished']
+    assert 'python -m timm_isomix.hub.publish CHECKPOINT --repo-id acme/isomix_iso_128_16_p2.cifar10' in report['unpublished']
     assert report['pickled'].startswith('PickledWeightsError: acme/pickled/pytorch_model.bin: pickled weights are refused')

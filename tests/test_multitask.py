@@ -1,15 +1,14 @@
 """Multi-task isomix: tasks own mixtures, statistics and heads over one shared bank."""
-import argparse
-
 import pytest
 import timm
 import torch
 from PIL import Image
 
 import timm_isomix  # noqa: F401  (registers the models)
-from timm_isomix.multitask import (
-    MultiTaskIsoMix, build_task_model, count_params, load_task_data, load_task_model, read_task_config, train_tasks)
-from timm_isomix.plot_tasks import js_sharing
+from timm_isomix.models.multitask import MultiTaskIsoMix, count_params
+from timm_isomix.tasks.data import load_task_data
+from timm_isomix.tasks.multitask import build_task_model, load_task_model, read_task_config, train_tasks
+from timm_isomix.train.plots import js_sharing
 
 
 
@@ -143,8 +142,8 @@ def test_train_tasks_learns_jointly_and_writes_task_checkpoints_and_plots(tmp_pa
     cfg = {'model': 'isomix_iso_64_8_p2', 'model_kwargs': TINY, 'img_size': 16, 'epochs': 8, 'lr': 0.01,
            'batch_size': 8, 'tasks': [{'name': 'dark', 'data': str(tmp_path / 'dark'), 'classes': 2},
                                       {'name': 'light', 'data': str(tmp_path / 'light'), 'classes': ['x', 'y', 'z']}]}
-    args = argparse.Namespace(tasks=cfg, output=str(tmp_path / 'out'), experiment='run', seed=0)
-    res = train_tasks(args)
+    cfg.update(output=str(tmp_path / 'out'), experiment='run', seed=0)
+    res = train_tasks(cfg)
     out = tmp_path / 'out' / 'run'
     for f in ('model.pth', 'task_dark.pth', 'task_light.pth', 'mixtures.png', 'sharing.png', 'summary.csv',
               'results.json'):
@@ -158,7 +157,7 @@ def test_train_tasks_learns_jointly_and_writes_task_checkpoints_and_plots(tmp_pa
     assert model(x, task='light').shape == (2, 3)
     # A second run never overwrites the first.
     cfg['epochs'] = 1
-    res2 = train_tasks(args)
+    res2 = train_tasks(cfg)
     assert res2['out_dir'] != str(out) and (out / 'model.pth').is_file()
 
 
@@ -167,5 +166,5 @@ def test_joint_training_on_real_digits_beats_chance(shared_dataset, tmp_path):
            'epochs': 5, 'lr': 0.01, 'batch_size': 16, 'train_limit': 500, 'val_limit': 200,
            'tasks': [{'name': 'mnist', 'data': str(shared_dataset('mnist')), 'classes': 10},
                      {'name': 'usps', 'data': str(shared_dataset('usps')), 'classes': 10}]}
-    res = train_tasks(argparse.Namespace(tasks=cfg, output=str(tmp_path), experiment='digits', seed=0))
+    res = train_tasks({**cfg, 'output': str(tmp_path), 'experiment': 'digits', 'seed': 0})
     assert res['top1']['mnist'] > 40 and res['top1']['usps'] > 40  # chance: 10

@@ -10,7 +10,7 @@ import timm
 from safetensors.torch import load_file
 
 import timm_isomix  # noqa: F401
-from timm_isomix import publish
+from timm_isomix.hub import publish
 
 from hubserver import write_train_checkpoint
 

@@ -6,7 +6,7 @@ function for the isomix models. The file is taken from the timm source release o
 (`pip download timm==VERSION --no-binary :all:`), cached, never committed. `$TIMM_SRC` may point at an
 unpacked timm source tree instead.
 
-Pretrained tags hold timm's ResNet weights (warm start) or weights published by timm_isomix.publish.
+Pretrained tags hold timm's ResNet weights (warm start) or weights published by timm_isomix.hub.publish.
 With no network, the Hugging Face cache is filled with stand-in weights of the same architecture (random,
 saved as timm publishes them: model.safetensors, and config.json for isomix repositories) and the hub is
 set offline: the whole loading path (hub cache, conversion filter,
@@ -76,7 +76,7 @@ def stand_in_hub(tmp_path_factory):
         (snapshot.parent.parent / 'refs').mkdir()
         (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
         torch.manual_seed(0)
-        if source.startswith('isomix_'):  # a tag for weights published by timm_isomix.publish
+        if source.startswith('isomix_'):  # a tag for weights published by timm_isomix.hub.publish
             timm.models.save_for_hf(timm.create_model(source), str(snapshot), safe_serialization=True)
         else:  # timm's ResNet weights, converted on load
             save_file(timm.create_model(source).state_dict(), str(snapshot / 'model.safetensors'))

@@ -1,4 +1,4 @@
-"""train.py and timm_isomix.training: the optimizer groups, checkpoints, resume after a real kill, torchrun on CPU."""
+"""train.py and timm_isomix.train: the optimizer groups, checkpoints, resume after a real kill, torchrun on CPU."""
 import os
 import signal
 import subprocess
@@ -11,9 +11,10 @@ import torch
 
 import timm
 import timm_isomix  # noqa: F401
-from timm_isomix.plot import plot_mixtures
-from timm_isomix.training import (
-    CheckpointKeeper, atomic_save, mixture_param_groups, schedule_report, write_mixture_heatmap)
+from timm_isomix.train.checkpoint import CheckpointKeeper, atomic_save
+from timm_isomix.train.mixture_log import mixture_report, write_mixture_heatmap
+from timm_isomix.train.optim import mixture_param_groups
+from timm_isomix.train.plots import plot_mixtures
 
 from helpers import ROOT, make_tiny_folder
 
@@ -78,7 +79,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_temporary
 
 _WRITER = """
 import sys, torch
-from timm_isomix.training import atomic_save
+from timm_isomix.train.files import atomic_save
 big = torch.randn(4_000_000)  # 16 MB per checkpoint
 i = 0
 while True:
@@ -122,11 +123,11 @@ def test_checkpoint_keeper_keeps_the_best_hist_epochs_the_best_and_the_last(tmp_
 
 
 # --- schedule logging ---------------------------------------------------------------------------------
-def test_schedule_report_gives_order_and_entropy_per_layer_and_heatmap_is_a_png(tmp_path):
+def test_mixture_report_gives_order_and_entropy_per_layer_and_heatmap_is_a_png(tmp_path):
     model = timm.create_model('isomix_resnet50', num_classes=10, init_logit=16.0)  # banks of 2, 3, 5, 2; sharp start
     with torch.no_grad():
         model.mixtures()['stages.1'].logits.zero_()  # uniform over 3 templates: entropy ln 3 per layer
-    lines = schedule_report(model)
+    lines = mixture_report(model)
     assert [line.split(':')[0] for line in lines] == ['stages.0', 'stages.1', 'stages.2', 'stages.3']
     stage1 = lines[1]
     assert 'order [0, 0, 0, 0, 0, 0]' in stage1 and stage1.count('1.099') == 7  # 6 layers + uniform reference
@@ -184,7 +185,7 @@ def test_resume_after_sigkill_continues_exactly_where_an_uninterrupted_run_goes(
         assert (out / name).is_file(), name
     rows = (out / 'summary.csv').read_text().strip().splitlines()
     assert [r.split(',')[0] for r in rows[1:]] == ['0', '1', '2']  # no epoch lost or repeated
-    assert 'Schedule (epoch 2) schedule: order' in straight.stderr and 'ETA:' in straight.stderr
+    assert 'Mixtures (epoch 2) schedule: order' in straight.stderr and 'ETA:' in straight.stderr
 
 
 def test_torchrun_trains_with_two_cpu_processes_and_writes_a_checkpoint(tiny_cifar, tmp_path):

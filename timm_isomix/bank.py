@@ -19,18 +19,26 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import register_notrace_module
 
-__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'INIT_LOGIT']
+__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'order_logits', 'INIT_LOGIT']
 
 # Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2,
 # 0.93 for K=5. Sharp enough that each template first learns a role of its own, soft enough that the
-# softmax gradient is alive and the mixtures move (a logit of 16 left them frozen in short runs).
-# A warm start sets sharp logits instead (convert.WARM_START_LOGIT).
+# softmax gradient is alive and the mixtures can move (at a logit of 16 the softmax saturates and its
+# gradient vanishes).
+# A warm start sets sharp logits instead (models.resnet.WARM_START_LOGIT).
 INIT_LOGIT = 4.0
 
 
 def cyclic_order(num_layers: int, num_templates: int) -> List[int]:
     """Layer l runs template l mod K: with num_layers = reuse * K, each template runs `reuse` times."""
     return [l % num_templates for l in range(num_layers)]
+
+
+def order_logits(order: Sequence[int], num_templates: int, logit: float) -> torch.Tensor:
+    """Logits (L, K): `logit` on each layer's template in `order`, 0 on the others."""
+    logits = torch.zeros(len(order), num_templates)
+    logits[torch.arange(len(order)), torch.tensor(list(order), dtype=torch.long)] = logit
+    return logits
 
 
 class TemplateBank(nn.Module):
@@ -123,9 +131,9 @@ class Mixture(nn.Module):
             self.register_parameter('logits', None)
         else:
             self.order = None
-            logits = torch.zeros(num_layers, num_templates, device=device, dtype=dtype)
+            logits = torch.empty(num_layers, num_templates, device=device, dtype=dtype)
             if logits.device.type != 'meta':
-                logits[torch.arange(num_layers), torch.tensor(cyclic_order(num_layers, num_templates))] = init_logit
+                logits.copy_(order_logits(cyclic_order(num_layers, num_templates), num_templates, init_logit))
             self.logits = nn.Parameter(logits)
 
     @property

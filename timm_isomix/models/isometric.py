@@ -13,21 +13,20 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from timm.layers import DropPath, create_classifier, get_act_layer, get_device_dtype
+from timm.layers import DropPath, get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models._features import feature_take_indices  # timm.models exports no public name for it
 
 from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank
 from ..blocks import BasicLayer
-from ..hub import pretrained_kwargs, published_cfg
-from .resnet import Order, normalize_order
+from ._base import IsoMixModel, Order, base_cfg, normalize_order
+from ._hub import pretrained_kwargs, published_cfg
 
 __all__ = ['IsoMixNet']
 
 
-class IsoMixNet(nn.Module):
+class IsoMixNet(IsoMixModel):
     """Patch stem, then L layers over one bank of K BasicBlock templates at constant width."""
 
     def __init__(
@@ -89,8 +88,7 @@ class IsoMixNet(nn.Module):
         self._update_depth()
 
         self.num_features = width
-        self.global_pool, self.head = create_classifier(width, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._init_head(num_classes, global_pool, **dd)
         self.init_weights(zero_init_last=zero_init_last)
 
     def _update_depth(self) -> None:
@@ -148,20 +146,6 @@ class IsoMixNet(nn.Module):
         self.grad_checkpointing = enable
         self.schedule.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'head' if name_only else self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.head = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.head.train(self.training)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -197,14 +181,10 @@ class IsoMixNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.schedule(self.stem(x), self.bank)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: IsoMixNet) -> Dict[str, torch.Tensor]:
+    """Pretrained weights: a train.py checkpoint's 'state_dict' or a plain isomix state dict."""
+    return state_dict.get('state_dict', state_dict)
 
 
 def _create_isomix_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoMixNet:
@@ -212,19 +192,12 @@ def _create_isomix_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoM
     return build_model_with_cfg(
         IsoMixNet, variant, pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **pretrained_kwargs(variant, pretrained, kwargs),  # hub.py: weights found, checked (safetensors)
+        **pretrained_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn),  # _hub.py: weights found, checked
     )
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (16, 16),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': 'stem.conv', 'classifier': 'head', 'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2106.02626',
-        **kwargs,
-    }
+    return base_cfg(**{**dict(pool_size=(16, 16), interpolation='bicubic', first_conv='stem.conv', classifier='head'), **kwargs})
 
 
 _cfg32 = partial(_cfg, num_classes=10, input_size=(3, 32, 32), pool_size=(16, 16), crop_pct=1.0)
@@ -234,7 +207,7 @@ default_cfgs = generate_default_cfgs({
     'isomix_iso_128_16_p2': _cfg32(),
     'isomix_iso_192_12_p14': _cfg(),
     'isomix_iso_256_16_p14': _cfg(),
-    # tags for weights published with timm_isomix.publish to $TIMM_ISOMIX_HUB_ORG (see hub.py);
+    # tags for weights published with timm_isomix.hub.publish to $TIMM_ISOMIX_HUB_ORG (see _hub.py);
     # none is published yet: loading one says so and names the publish command
     'isomix_iso_64_8_p2.cifar10': published_cfg('isomix_iso_64_8_p2', 'cifar10', _cfg32()),
     'isomix_iso_128_16_p2.cifar10': published_cfg('isomix_iso_128_16_p2', 'cifar10', _cfg32()),

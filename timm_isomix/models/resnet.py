@@ -8,49 +8,25 @@ blocks, all of one shape, become its bank: K templates, K = that ResNet's blocks
 one, so the parameter count is the ResNet's plus the mixture logits. The stage executes
 `reuse * K` layers, each a mixture of the templates (initially the cyclic order), so
 `reuse=1` has the ResNet's depth and `reuse=2` twice its banked depth at the same parameters.
-The pretrained tags load timm's ResNet weights through `convert.resnet_to_isomix`.
+The pretrained tags load timm's ResNet weights through `resnet_to_isomix` (below).
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from timm.layers import DropPath, create_classifier, get_act_layer, get_device_dtype
+from timm.layers import DropPath, get_act_layer
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, get_pretrained_cfg, register_model
-from timm.models._features import feature_take_indices
+from timm.models._features import feature_take_indices  # timm.models exports no public name for it
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
-from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank
+from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, order_logits
 from ..blocks import BasicLayer, BottleneckLayer
+from ._base import IsoMixModel, Order, base_cfg, normalize_order
+from ._hub import pretrained_kwargs
 
-__all__ = ['IsoMixResNet', 'BankStage', 'normalize_order']
-
-Order = Optional[Union[Sequence[Optional[Sequence[int]]], Dict[int, Sequence[int]]]]
-
-
-def normalize_order(order: Order, num_banks: int) -> List[Optional[List[int]]]:
-    """One entry per bank: a list of template indices (a hard order) or None (learnable mixture).
-
-    Accepts a list with one entry per bank, a dict {bank index: order}, or, for one bank, a flat list.
-    """
-    if order is None:
-        return [None] * num_banks
-    if isinstance(order, dict):
-        bad = [k for k in order if not isinstance(k, int) or not 0 <= k < num_banks]
-        if bad:
-            raise ValueError(f'order given for stages {bad}, but this model has banked stages 0..{num_banks - 1}')
-        return [list(order[i]) if order.get(i) is not None else None for i in range(num_banks)]
-    order = list(order)
-    if num_banks == 1 and order and all(isinstance(k, int) for k in order):
-        return [order]
-    if len(order) != num_banks:
-        raise ValueError(
-            f'order has {len(order)} entries but this model has {num_banks} banked stages; give one list of '
-            f'template indices (or None) per stage, or a dict {{stage: [indices]}}')
-    return [list(o) if o is not None else None for o in order]
-
+__all__ = ['IsoMixResNet', 'BankStage', 'is_resnet_state_dict', 'resnet_to_isomix', 'checkpoint_filter_fn']
 
 def _per_stage_reuse(reuse: Union[int, Sequence[int]], num_stages: int) -> List[int]:
     reuses = [int(r) for r in reuse] if isinstance(reuse, (list, tuple)) else [int(reuse)] * num_stages
@@ -82,8 +58,10 @@ class BankStage(nn.Module):
         return self.schedule(x, self.bank)
 
 
-class IsoMixResNet(nn.Module):
+class IsoMixResNet(IsoMixModel):
     """ResNet (timm's default stem and blocks) with one template bank per stage."""
+
+    classifier_name = 'fc'
 
     def __init__(
             self,
@@ -169,8 +147,7 @@ class IsoMixResNet(nn.Module):
         self._set_drop_path()
 
         self.num_features = inplanes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self._init_head(num_classes, global_pool, **dd)
         self.init_weights(zero_init_last=zero_init_last)
 
     def _set_drop_path(self) -> None:
@@ -253,20 +230,6 @@ class IsoMixResNet(nn.Module):
             stage.grad_checkpointing = enable
             stage.schedule.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -316,26 +279,97 @@ class IsoMixResNet(nn.Module):
         x = self.maxpool(x)
         return self.stages(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+# --- warm start: a timm ResNet state dict -> the isomix ResNet of the same shape -----------------------
+# Stage i's block 0 becomes the stage's own first block; block j >= 1 becomes template j - 1 of the
+# stage's bank. Each executed layer takes the BN statistics of the block whose template it is scheduled
+# to run (its argmax), so with `reuse=1` and the cyclic order the isomix model computes exactly what
+# the ResNet computes, and with `reuse=2` each template's statistics serve both its runs.
+_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
+# The logit a warm start gives each soft layer's scheduled template: alpha is one-hot to ~1e-7 per other
+# template, so the isomix model computes what the ResNet computes (to float32 precision).
+WARM_START_LOGIT = 16.0
+
+
+def is_resnet_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """True for timm/torchvision ResNet keys (`layer1.0.conv1.weight`), False for isomix keys."""
+    return any(k.startswith('layer1.') for k in state_dict) and not any(k.startswith('stages.') for k in state_dict)
+
+
+def _key_report(missing: List[str], unexpected: List[str]) -> str:
+    def show(keys):
+        return ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else '')
+    return f'missing keys: [{show(missing)}]; unexpected keys: [{show(unexpected)}]'
+
+
+@torch.no_grad()
+def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -> Dict[str, torch.Tensor]:
+    """Map a timm ResNet state dict onto `model`'s keys.
+
+    Each soft mixture keeps its scheduled order (the argmax of the model's logits, the cyclic order
+    for a fresh model) and gets sharp logits (WARM_START_LOGIT) on it; hard orders need none.
+
+    Raises ValueError naming the missing and unexpected keys (or mismatched shapes) when the
+    state dict is not of the ResNet this model was built from.
+    """
+    target = model.state_dict()
+    out = {}
+    for name, mixture in model.mixtures().items():
+        if not mixture.is_hard:
+            out[f'{name}.schedule.mixture.logits'] = order_logits(
+                mixture.argmax_order(), mixture.num_templates, WARM_START_LOGIT).to(mixture.logits)
+    expected = set()
+    for i, stage in enumerate(model.stages):
+        expected |= {f'layer{i + 1}.0.{k}' for k in stage.first.state_dict()}
+        expected |= {f'layer{i + 1}.{k + 1}.{name}' for k in range(stage.bank.num_templates) for name in stage.bank.layout}
+        norms = {name.split('.')[0] for name in stage.bank.layout if name.startswith('bn')}
+        expected |= {f'layer{i + 1}.{k + 1}.{bn}.{s}' for k in range(stage.bank.num_templates)
+                     for bn in norms for s in _STATS}
+    # stem and head pass through as given: timm's loader adapts or drops the classifier afterwards
+    classifier = model.get_classifier(name_only=True)
+    expected |= {k for k in target if not k.startswith(('stages.', classifier + '.'))}
+    given = {k for k in state_dict if k.startswith('layer') or not k.startswith(classifier + '.')}
+    missing = sorted(k for k in expected - given if not k.endswith('num_batches_tracked'))
+    unexpected = sorted(k for k in given - expected if not k.endswith('num_batches_tracked'))
+    if missing or unexpected:
+        raise ValueError(f'state dict is not a timm ResNet matching {type(model).__name__} '
+                         f'with {len(model.stages)} stages of {[1 + s.bank.num_templates for s in model.stages]} blocks: '
+                         + _key_report(missing, unexpected))
+
+    out.update({k: v for k, v in state_dict.items() if not k.startswith('layer')})
+    for i, stage in enumerate(model.stages):
+        src, dst = f'layer{i + 1}', f'stages.{i}'
+        for k in stage.first.state_dict():
+            out[f'{dst}.first.{k}'] = state_dict[f'{src}.0.{k}']
+        rows = {'weight': [], 'affine': []}
+        for t in range(stage.bank.num_templates):
+            parts = {'weight': [], 'affine': []}
+            for name, (group, _, shape) in stage.bank.layout.items():
+                value = state_dict[f'{src}.{t + 1}.{name}']
+                if tuple(value.shape) != shape:
+                    raise ValueError(f'{src}.{t + 1}.{name} has shape {tuple(value.shape)}, '
+                                     f'but the bank of {dst} expects {shape}')
+                parts[group].append(value.reshape(-1))
+            for group in rows:
+                rows[group].append(torch.cat(parts[group]))
+        out[f'{dst}.bank.weight'] = torch.stack(rows['weight'])
+        out[f'{dst}.bank.affine'] = torch.stack(rows['affine'])
+        templates = stage.schedule.mixture.argmax_order()
+        for l, layer in enumerate(stage.schedule.layers):
+            for k in layer.state_dict():  # bn1.running_mean, ...
+                out[f'{dst}.schedule.layers.{l}.{k}'] = state_dict.get(
+                    f'{src}.{templates[l] + 1}.{k}', target[f'{dst}.schedule.layers.{l}.{k}'])
+    return out
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -> Dict[str, torch.Tensor]:
     """Pretrained weights: timm ResNet state dicts are converted, isomix ones pass through."""
-    from ..convert import is_resnet_state_dict, resnet_to_isomix
     state_dict = state_dict.get('state_dict', state_dict)
     return resnet_to_isomix(state_dict, model) if is_resnet_state_dict(state_dict) else state_dict
 
 
 def _create_isomix_resnet(variant: str, pretrained: bool = False, **kwargs) -> IsoMixResNet:
-    from ..hub import pretrained_kwargs  # weights found and checked (safetensors) before timm loads them
-    return build_model_with_cfg(
+    return build_model_with_cfg(  # pretrained_kwargs: weights found and checked (safetensors) before timm loads them
         IsoMixResNet, variant, pretrained,
         feature_cfg=dict(feature_cls='getter'),  # layers reuse modules: features come from forward_intermediates
         **pretrained_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn),
@@ -343,14 +377,7 @@ def _create_isomix_resnet(variant: str, pretrained: bool = False, **kwargs) -> I
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear',
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': 'conv1', 'classifier': 'fc', 'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2106.02626',
-        **kwargs,
-    }
+    return base_cfg(**{**dict(pool_size=(7, 7), interpolation='bilinear', first_conv='conv1', classifier='fc'), **kwargs})
 
 
 def _warm_cfg(resnet_tag: str) -> Dict[str, Any]:

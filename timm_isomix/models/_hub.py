@@ -3,7 +3,7 @@
 Three things live here, used by the model factories (`models/*.py`) when `pretrained=True`:
 
 * **Published tags.** `published_cfg()` builds the pretrained cfg of a tag whose weights are published
-  with `python -m timm_isomix.publish`; its `hf_hub_id` is `<org>/<model>.<tag>`, the org read from
+  with `python -m timm_isomix.hub.publish`; its `hf_hub_id` is `<org>/<model>.<tag>`, the org read from
   `$TIMM_ISOMIX_HUB_ORG` (default `timm-isomix`) when the weights are loaded. When the repository or its
   weight file does not exist, loading raises `WeightsNotPublishedError`, naming the publish command.
   When it exists, its `config.json` supplies the schedule (`model_args`) and the data config.
@@ -71,11 +71,11 @@ def published_repo_id(model_name: str, tag: str, org: Optional[str] = None) -> s
 
 
 def publish_command(repo_id: str) -> str:
-    return f'python -m timm_isomix.publish CHECKPOINT --repo-id {repo_id}'
+    return f'python -m timm_isomix.hub.publish CHECKPOINT --repo-id {repo_id}'
 
 
 def published_cfg(model_name: str, tag: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The registry cfg of tag `model_name.tag` whose weights are published by timm_isomix.publish.
+    """The registry cfg of tag `model_name.tag` whose weights are published by timm_isomix.hub.publish.
 
     `cfg` is the model's base cfg (input size, normalisation, classes). The org is resolved again when
     the weights are loaded, so setting `$TIMM_ISOMIX_HUB_ORG` after `import timm_isomix` works too.
@@ -238,7 +238,7 @@ def _checked_filter(source: str, cfg: Dict[str, Any], filter_fn: Optional[Callab
         if filter_fn is not None:
             try:
                 state_dict = filter_fn(state_dict, model)
-            except ValueError as e:  # e.g. a ResNet state dict of another depth (convert.resnet_to_isomix)
+            except ValueError as e:  # e.g. a ResNet state dict of another depth (resnet.resnet_to_isomix)
                 raise PretrainedWeightsError(f'{source}: {e}') from e
         skip = []
         classifier = cfg.get('classifier')

@@ -1,6 +1,6 @@
 """Publish a train.py checkpoint to the Hugging Face Hub with timm's own `push_to_hf_hub`.
 
-    python -m timm_isomix.publish CHECKPOINT --repo-id ORG/NAME [--use-ema] [--dry-run | --local-dir DIR]
+    python -m timm_isomix.hub.publish CHECKPOINT --repo-id ORG/NAME [--use-ema] [--dry-run | --local-dir DIR]
 
 The checkpoint's 'arch' and 'model_args' rebuild the model (schedule included) with timm.create_model; the
 raw or EMA weights are loaded into it and published as timm publishes its own weights: `model.safetensors`
@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .summary import count_macs
+from ..tools.summary import count_macs
 
 __all__ = ['PublishError', 'load_train_checkpoint', 'rebuild_model', 'count_macs', 'model_card',
            'export_config', 'write_folder', 'publish', 'main']
@@ -109,7 +109,7 @@ def export_config(model: nn.Module, ckpt: Dict[str, Any], repo_id: str, use_ema:
     name = repo_id.split('/')[-1]
     tag = name.split('.', 1)[1] if '.' in name else None
     pretrained_cfg = dict(
-        notes=(f'published with timm_isomix.publish from epoch {ckpt.get("epoch", "?")} of a train.py run '
+        notes=(f'published with timm_isomix.hub.publish from epoch {ckpt.get("epoch", "?")} of a train.py run '
                f'({"EMA" if use_ema else "raw"} weights)',),
         description=f'isomix {ckpt["arch"]} (template banks with mixtures), trained with timm-isomix',
         paper_ids='arXiv:2106.02626', license='apache-2.0',
@@ -219,7 +219,7 @@ def publish(
 
     from huggingface_hub import HfApi
     from timm.models import push_to_hf_hub
-    message = commit_message or f'Add {ckpt["arch"]} weights (epoch {ckpt.get("epoch", "?")}) from timm_isomix.publish'
+    message = commit_message or f'Add {ckpt["arch"]} weights (epoch {ckpt.get("epoch", "?")}) from timm_isomix.hub.publish'
     if HfApi().repo_exists(repo_id) and HfApi().file_exists(repo_id, 'README.md', revision=revision):
         print(f'warning: {repo_id} already has a README.md; timm\'s push_to_hf_hub keeps it, so the model card '
               f'(results, recipe) is not updated. Write it with --local-dir and upload it if it should change.',
@@ -235,7 +235,7 @@ def publish(
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog='python -m timm_isomix.publish', description=__doc__.split('\n\n')[0],
+        prog='python -m timm_isomix.hub.publish', description=__doc__.split('\n\n')[0],
         epilog='Token and endpoint come from huggingface_hub (HF_TOKEN or `hf auth login`; HF_ENDPOINT).')
     parser.add_argument('checkpoint', help='a train.py checkpoint (e.g. output/train/<run>/model_best.pth.tar)')
     parser.add_argument('--repo-id', required=True, help='Hub repository ORG/NAME, e.g. my-org/isomix_iso_64_8_p2.cifar10')

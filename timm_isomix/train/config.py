@@ -38,7 +38,19 @@ def build_train_parser() -> argparse.ArgumentParser:
         description='Train an isomix (or any timm) model with timm\'s data, optim, scheduler and utils.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML config whose keys set the flags\' defaults')
-    g = p.add_argument_group('Dataset')
+    _add_dataset_args(p.add_argument_group('Dataset'))
+    _add_model_args(p.add_argument_group('Model'))
+    _add_device_distributed_args(p.add_argument_group('Device & distributed'))
+    _add_optimizer_args(p.add_argument_group('Optimizer'))
+    _add_learning_rate_schedule_args(p.add_argument_group('Learning rate schedule'))
+    _add_augmentation_and_regularization_args(p.add_argument_group('Augmentation and regularization'))
+    _add_batch_norm_args(p.add_argument_group('Batch norm'))
+    _add_model_ema_args(p.add_argument_group('Model EMA'))
+    _add_miscellaneous_args(p.add_argument_group('Miscellaneous'))
+    return p
+
+
+def _add_dataset_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
     g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>"), "" = folder')
     g.add_argument('--train-split', metavar='NAME', default='train')
@@ -50,7 +62,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--input-key', default=None, type=str)
     g.add_argument('--target-key', default=None, type=str)
 
-    g = p.add_argument_group('Model')
+
+def _add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--model', default=None, type=str, metavar='MODEL',
                    help='model name (default: the --resume checkpoint\'s, else resnet50)')
     g.add_argument('--pretrained', action='store_true', default=False)
@@ -76,7 +89,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--head-init-scale', default=None, type=float)
     g.add_argument('--head-init-bias', default=None, type=float)
 
-    g = p.add_argument_group('Device & distributed')
+
+def _add_device_distributed_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
     g.add_argument('--torchcompile-mode', type=str, default=None)
     g.add_argument('--device', default=None, type=str,
@@ -87,7 +101,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp-dtype', default='float16', type=str, choices=['float16', 'bfloat16'])
     g.add_argument('--synchronize-step', action='store_true', default=False)
 
-    g = p.add_argument_group('Optimizer')
+
+def _add_optimizer_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER')
     g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
     g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
@@ -100,7 +115,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixture-lr-mult', type=float, default=1.0,
                    help='isomix: learning-rate multiplier of the mixture logits (their own group, no weight decay)')
 
-    g = p.add_argument_group('Learning rate schedule')
+
+def _add_learning_rate_schedule_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
     g.add_argument('--sched-on-updates', action='store_true', default=False)
     g.add_argument('--lr', type=float, default=None, metavar='LR', help='default: --lr-base scaled by batch size')
@@ -126,7 +142,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--patience-epochs', type=int, default=10)
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
 
-    g = p.add_argument_group('Augmentation and regularization')
+
+def _add_augmentation_and_regularization_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--no-aug', action='store_true', default=False)
     g.add_argument('--train-crop-mode', type=str, default=None)
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT')
@@ -160,19 +177,22 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--drop-path', type=float, default=None, metavar='PCT')
     g.add_argument('--drop-block', type=float, default=None, metavar='PCT')
 
-    g = p.add_argument_group('Batch norm')
+
+def _add_batch_norm_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--bn-momentum', type=float, default=None)
     g.add_argument('--bn-eps', type=float, default=None)
     g.add_argument('--sync-bn', action='store_true', default=False)
     g.add_argument('--dist-bn', type=str, default='reduce', choices=['broadcast', 'reduce', ''])
 
-    g = p.add_argument_group('Model EMA')
+
+def _add_model_ema_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--model-ema', action='store_true', default=False)
     g.add_argument('--model-ema-force-cpu', action='store_true', default=False)
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g.add_argument('--model-ema-warmup', action='store_true', default=False)
 
-    g = p.add_argument_group('Miscellaneous')
+
+def _add_miscellaneous_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--seed', type=int, default=42, metavar='S')
     g.add_argument('--worker-seeding', type=str, default='all', choices=['all', 'part'])
     g.add_argument('--log-interval', type=int, default=50, metavar='N')
@@ -186,8 +206,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--overwrite', action='store_true', default=False,
                    help='isomix: allow training into an existing experiment directory without --resume')
     g.add_argument('--tasks', default='', type=str, metavar='PATH',
-                   help='isomix: YAML listing tasks; trains them over one bank (timm_isomix.multitask)')
-    return p
+                   help='isomix: YAML listing tasks; trains them over one bank (timm_isomix.tasks.multitask)')
 
 
 def _type_name(action: argparse.Action) -> str:

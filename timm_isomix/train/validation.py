@@ -21,9 +21,10 @@ from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import load_checkpoint
 from timm.utils import ParseKwargs, natural_key
 
-import timm_isomix  # noqa: F401  (registers the isomix models)
+from .. import models  # noqa: F401  (registers the isomix models)
+from .checkpoint import load_checkpoint_file
 from .config import ConfigError
-from .training import evaluate, load_checkpoint_file
+from .loop import evaluate
 
 __all__ = ['build_validate_parser', 'validate', 'validate_many', 'write_results']
 

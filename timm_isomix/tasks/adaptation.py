@@ -1,10 +1,6 @@
-"""Transfer and unsupervised domain adaptation by learning only a new mixture over a frozen bank.
+"""Unsupervised multi-source domain adaptation by learning only a new mixture over a frozen bank.
 
-Transfer (`transfer`): a new task gets its own mixture logits and head (and its own BatchNorm
-statistics, re-estimated on its data); the bank and stem stay frozen. Baselines on the same model:
-a linear probe (head only, statistics frozen) and full fine-tuning (everything).
-
-Unsupervised multi-source domain adaptation (`adapt_target`): labelled sources are tasks of a
+In `adapt_target`, labelled sources are tasks of a
 trained `MultiTaskIsoMix` sharing one head; the unlabelled target is a new task whose mixture starts
 at the mean of the sources' logits and whose head is the sources' head. Only the target's mixture
 logits are trained (bank, stem, heads and the sources are frozen); its statistics are re-estimated on
@@ -21,89 +17,12 @@ with every source's (Peng et al., "Moment Matching for Multi-Source Domain Adapt
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .multitask import MultiTaskIsoMix, count_params, fit_tasks
+from ..models.multitask import MultiTaskIsoMix
+from .transfer import batch_images, reestimate_stats
 
-__all__ = ['TRANSFER_MODES', 'freeze_for_transfer', 'transfer', 'reestimate_stats', 'adaptation_loss', 'adapt_target']
-
-TRANSFER_MODES = ('mixture', 'linear', 'full')
-
-
-def freeze_for_transfer(model: MultiTaskIsoMix, task: str, mode: str = 'mixture') -> List[nn.Parameter]:
-    """Set requires_grad for training `task` alone and return the trainable parameters.
-
-    mode 'mixture': the task's own mixture logits and head (bank, stem, shared mixture, other tasks frozen);
-    'linear': the head only; 'full': every parameter of the model (bank included).
-    """
-    if mode not in TRANSFER_MODES:
-        raise ValueError(f'unknown transfer mode {mode!r}; expected one of {TRANSFER_MODES}')
-    path = model._path(task)
-    if mode == 'full':
-        trainable = list(model.stem.parameters()) + list(model.bank.parameters()) + list(path.parameters())
-    elif mode == 'linear':
-        trainable = list(path.head.parameters())
-    else:
-        trainable = model.task_parameters(task)
-    ids = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def transfer(
-        model: MultiTaskIsoMix,
-        task: str,
-        num_classes: int,
-        train_set: Dataset,
-        val_set: Optional[Dataset] = None,
-        mode: str = 'mixture',
-        init_from: Optional[str] = None,
-        **fit_kwargs,
-) -> dict:
-    """Add `task` to a trained model and train it with the bank frozen (or not, for mode='full').
-
-    The new task's mixture logits and statistics start from `init_from`'s. In 'mixture' and 'full'
-    mode its BatchNorm statistics follow the new data; in 'linear' mode they stay as copied.
-    Returns {'top1', 'trainable', 'task_params', 'history'}.
-    """
-    model.add_task(task, num_classes, init_from=init_from)
-    trainable = freeze_for_transfer(model, task, mode)
-    history = fit_tasks(model, {task: train_set}, {task: val_set} if val_set is not None else None,
-                        frozen_stats=mode == 'linear', **fit_kwargs)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return {'top1': history[-1].get(f'{task}_top1'), 'trainable': count_params(trainable),
-            'task_params': count_params(model.task_parameters(task)), 'history': history}
-
-
-def _images(batch):
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
-@torch.no_grad()
-def reestimate_stats(model: MultiTaskIsoMix, task: str, dataset: Dataset, batch_size: int = 256,
-                     device: Union[str, torch.device] = 'cpu') -> None:
-    """Replace `task`'s BatchNorm statistics by their average over `dataset` (AdaBN); parameters untouched."""
-    if len(dataset) == 0:
-        raise ValueError(f'cannot re-estimate statistics of task {task!r}: the dataset is empty')
-    path = model._path(task)
-    norms = [m for m in path.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
-    model.eval()
-    saved = []
-    for m in norms:
-        saved.append(m.momentum)
-        m.reset_running_stats()
-        m.train()
-    for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
-        for m in norms:  # momentum 1/(i+1): the running statistics become the average over all batches
-            m.momentum = 1. / (i + 1)
-        model(_images(batch).to(device), task=task)
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    model.train(was_training)
+__all__ = ['adaptation_loss', 'adapt_target']
 
 
 def _moments(f: torch.Tensor) -> List[torch.Tensor]:
@@ -177,9 +96,9 @@ def adapt_target(
     path.train()  # target statistics follow target batches; sources and head stay in eval mode
     try:
         for step in range(1, steps + 1):
-            x_t = _images(next(t_iter)).to(device)
+            x_t = batch_images(next(t_iter)).to(device)
             with torch.no_grad():
-                source_features = [model.forward_head(model.forward_features(_images(next(it)).to(device), s), s,
+                source_features = [model.forward_head(model.forward_features(batch_images(next(it)).to(device), s), s,
                                                       pre_logits=True) for s, it in s_iters.items()]
             feats = model.forward_head(model.forward_features(x_t, target), target, pre_logits=True)
             probs = path.head(feats).softmax(-1)

@@ -1,6 +1,6 @@
 """Model summaries: parameters, MACs, executed layers and templates of the registered isomix models.
 
-`python -m timm_isomix.summary` prints README's model table (markdown).
+`python -m timm_isomix.tools.summary` prints README's model table (markdown).
 """
 import argparse
 from typing import List, Optional, Sequence

@@ -1,4 +1,4 @@
-"""Speed of isomix models side by side with their references: `python -m timm_isomix.benchmark`.
+"""Speed of isomix models side by side with their references: `python -m timm_isomix.tools.benchmark`.
 
 Every case is a model paired with a reference of the same FLOPs (or, for `reuse=2`, a known FLOP
 ratio). All models live in one process and are timed interleaved (the case order rotates every
@@ -30,7 +30,6 @@ at 224 px. It prints a table and writes JSON.
 """
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -39,21 +38,18 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm
-from timm.layers import create_classifier
-from timm.models.resnet import BasicBlock, ResNet
 from timm.optim import create_optimizer_v2
 
-from .bank import Mixture, cyclic_order
-from .models import IsoMixNet, IsoMixResNet
+from ..bank import Mixture
+from .bench_cases import Case, build_model, make_cases, plain_isometric, same_depth_resnet
+from .memory import current_rss_kib, peak_rss_kib, reset_peak_rss, retain_freed_memory
 
 __all__ = ['Case', 'make_cases', 'plain_isometric', 'same_depth_resnet', 'retain_freed_memory', 'run_benchmark', 'main']
 
@@ -63,71 +59,6 @@ __all__ = ['Case', 'make_cases', 'plain_isometric', 'same_depth_resnet', 'retain
 MIX_BACKWARD_NODES = ('MmBackward0', 'SoftmaxBackward0', 'DivBackward0', 'SplitWithSizesBackward0',
                       'UnbindBackward0', 'StackBackward0', 'CatBackward0')
 MIX_FORWARD_LABEL = 'isomix::mixture_forward'
-
-
-@dataclass
-class Case:
-    """One model to time: `model` is a timm model name or 'plain_isometric:<isomix_iso name>'."""
-    name: str
-    model: str
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    hard: bool = False              # replace the mixtures by their cyclic hard order (no mixing)
-    reference: Optional[str] = None  # name of the case this one is compared with
-    role: str = 'reference'         # soft1, hard1, reuse2, iso: which target applies
-    peer: Optional[str] = None      # a second reference of the same FLOPs (reported, no target)
-
-
-def make_cases(suite: str = 'resnet50') -> List[Case]:
-    """The cases of a suite: 'resnet50' (the issue's cases) or 'tiny' (small models, for tests)."""
-    if suite == 'resnet50':
-        resnet, isomix, iso = 'resnet50', 'isomix_resnet50', 'isomix_iso_256_16_p14'
-    elif suite == 'tiny':
-        resnet, isomix, iso = 'resnet18', 'isomix_resnet18', 'isomix_iso_64_8_p2'
-    else:
-        raise ValueError(f"unknown suite {suite!r}; expected 'resnet50' or 'tiny'")
-    return [
-        Case(resnet, resnet),
-        Case(f'{isomix} reuse=1 soft', isomix, dict(reuse=1), reference=resnet, role='soft1'),
-        Case(f'{isomix} reuse=1 hard', isomix, dict(reuse=1), hard=True, reference=resnet, role='hard1'),
-        Case(f'{resnet} at reuse=2 depth', f'same_depth_resnet:{isomix}', dict(reuse=2)),
-        Case(f'{isomix} reuse=2 soft', isomix, dict(reuse=2), reference=resnet, role='reuse2',
-             peer=f'{resnet} at reuse=2 depth'),
-        Case(f'plain {iso}', f'plain_isometric:{iso}'),
-        Case(f'{iso} soft', iso, reference=f'plain {iso}', role='iso'),
-    ]
-
-
-def plain_isometric(iso: IsoMixNet) -> nn.Module:
-    """The same network as `iso` without a bank: each executed layer is timm's BasicBlock with its
-    own parameters. Same stem, depth, width and head, hence the same FLOPs; the reference for what
-    the bank and the mixing cost."""
-    width, depth, conv = iso.num_features, iso.schedule.num_layers, iso.stem.conv
-    stem = nn.Sequential(
-        nn.Conv2d(iso.in_chans, width, conv.kernel_size, conv.stride, bias=False),
-        nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-    blocks = [BasicBlock(width, width) for _ in range(depth)]
-    pool, head = create_classifier(width, iso.num_classes, pool_type='avg')
-    return nn.Sequential(stem, *blocks, pool, head)
-
-
-def same_depth_resnet(model: IsoMixResNet) -> ResNet:
-    """timm's ResNet with as many blocks per stage as `model` runs (its first block plus its schedule):
-    the same FLOPs, but every block with parameters of its own and no mixing."""
-    layers = [1 + stage.schedule.num_layers for stage in model.stages]
-    block = type(model.stages[0].first)  # timm's BasicBlock or Bottleneck
-    return ResNet(block, layers, num_classes=model.num_classes, in_chans=model.in_chans)
-
-
-def build_model(case: Case, num_classes: int) -> nn.Module:
-    if case.model.startswith('plain_isometric:'):
-        return plain_isometric(timm.create_model(case.model.split(':', 1)[1], num_classes=num_classes))
-    if case.model.startswith('same_depth_resnet:'):
-        isomix = timm.create_model(case.model.split(':', 1)[1], num_classes=num_classes, **case.kwargs)
-        return same_depth_resnet(isomix)
-    model = timm.create_model(case.model, num_classes=num_classes, **case.kwargs)
-    if case.hard:
-        model.set_schedule(order=[cyclic_order(m.num_layers, m.num_templates) for m in model.mixtures().values()])
-    return model
 
 
 class Runner:
@@ -167,25 +98,6 @@ class Runner:
     def sync(self) -> None:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
-
-
-def retain_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory in the process: no mmap for large blocks
-    (M_MMAP_MAX = 0) and no trimming of the heap below 2 GiB free (M_TRIM_THRESHOLD).
-
-    With glibc's defaults a training step on CPU unmaps its large activations and gradients when it
-    frees them and page-faults them back on the next step: on this project's 2-core VM that was up to
-    1.2 s of system time in a 1.2 s resnet50 step, varying from run to run with the allocator's state.
-    Returns False where there is no glibc mallopt (other platforms): timings then include that cost.
-    """
-    if not sys.platform.startswith('linux'):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
 
 
 def _timed(runner: Runner, fn: Callable[[], None], steps: int) -> Tuple[float, float, float]:
@@ -276,44 +188,17 @@ def _peak_memory_mb_here(case: Case, args: argparse.Namespace) -> float:
         for _ in range(2):
             runner.train_step()
         return (torch.cuda.max_memory_allocated(runner.device) - base) / 2 ** 20
-    base = _current_rss_kib()
-    hwm = _reset_peak_rss()
+    base = current_rss_kib()
+    hwm = reset_peak_rss()
     for _ in range(2):  # the first step also creates gradients and optimizer state
         runner.train_step()
-    peak = _peak_rss_kib() if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = peak_rss_kib() if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return (peak - base) / 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux >= 4.0), so that importing torch does not set the peak."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as fh:
-            fh.write('5')
-        return _peak_rss_kib() > 0
-    except OSError:
-        return False
-
-
-def _peak_rss_kib() -> int:
-    with open('/proc/self/status') as fh:
-        for line in fh:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1])
-    return 0
-
-
-def _current_rss_kib() -> int:
-    """Resident set size now (not the peak so far, which the imports may have set)."""
-    try:
-        with open('/proc/self/statm') as fh:
-            return int(fh.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024
-    except OSError:  # no procfs: fall back to the peak so far
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def peak_memory_mb(case: Case, args: argparse.Namespace, argv: Sequence[str]) -> Optional[float]:
     """Peak training memory of one case, measured in a fresh subprocess (the peak RSS is per process)."""
-    cmd = [sys.executable, '-m', 'timm_isomix.benchmark', *argv, '--memory-probe', case.name]
+    cmd = [sys.executable, '-m', 'timm_isomix.tools.benchmark', *argv, '--memory-probe', case.name]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f'memory probe for {case.name!r} failed:\n{out.stderr[-2000:]}', file=sys.stderr)
@@ -437,7 +322,7 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str] = ()) -> Dict[st
                       memory_method='cuda max_memory_allocated' if device.type == 'cuda' else
                       'peak RSS (VmHWM, reset first) over two training steps minus RSS before them, '
                       'one subprocess per case'),
-        command='python -m timm_isomix.benchmark ' + ' '.join(argv),
+        command='python -m timm_isomix.tools.benchmark ' + ' '.join(argv),
         cases=results,
         targets=targets(results, cases, device.type == 'cuda'),
     )
@@ -474,9 +359,9 @@ def format_table(report: Dict[str, Any]) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     on_gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog='python -m timm_isomix.benchmark', description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(prog='python -m timm_isomix.tools.benchmark', description=__doc__.split('\n')[0])
     p.add_argument('--suite', default='resnet50', choices=('resnet50', 'tiny'),
-                   help="'resnet50': the issue's cases; 'tiny': small models (a quick check)")
+                   help="'resnet50': the cases README reports; 'tiny': small models (a quick check)")
     p.add_argument('--device', default='cuda' if on_gpu else 'cpu')
     p.add_argument('--batch-size', type=int, default=None, help='default: 256 on a GPU, 32 on CPU')
     p.add_argument('--img-size', type=int, default=None, help='default: 224 on a GPU, 128 on CPU')

@@ -1,0 +1,233 @@
+"""Multi-task training over one bank: a typed config, the model it describes, and the run.
+
+    config = read_task_config('hparams/multitask_digits.yaml')   # or MultiTaskConfig(tasks=[...], ...)
+    results = train_tasks(config)
+
+`train.py --tasks FILE` translates its flags into the same config (`config_from_flags`): values in the
+task file take precedence, flags fill in what the file leaves out.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import timm
+import torch
+import yaml
+from timm.utils import get_outdir, update_summary
+
+from ..models.isometric import IsoMixNet
+from ..models.multitask import MultiTaskIsoMix, count_params
+from ..train.datasets import prepare_dataset
+from ..train.distributed import setup_distributed
+from ..train.files import atomic_save, atomic_write_bytes
+from ..train.plots import js_sharing, plot_sharing, plot_task_mixtures
+from .data import load_task_data
+from .fit import fit_tasks
+
+__all__ = [
+    'TaskSpec', 'MultiTaskConfig', 'read_task_config', 'config_from_flags', 'build_task_model', 'load_task_model',
+    'train_tasks',
+]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskSpec:
+    """One task: its name, its dataset (a name in ../shared/data or an ImageFolder path), its classes."""
+    name: str
+    data: str
+    classes: Union[int, List[str]]
+    train_limit: Optional[int] = None
+    val_limit: Optional[int] = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes if isinstance(self.classes, int) else len(self.classes)
+
+
+@dataclass
+class MultiTaskConfig:
+    """Everything a multi-task run needs (the keys of a task YAML file)."""
+    tasks: List[TaskSpec]
+    model: str = 'isomix_iso_64_8_p2'
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    share_from: Optional[int] = None     # layers from this index on share one mixture across tasks
+    init_logit: Optional[float] = 2.0    # soft cyclic start; None: the trunk's own logits
+    hard_shared: bool = False            # baseline: one trunk (statistics included), own heads
+    share_head: bool = False             # one head for all tasks (domains of one label space)
+    img_size: int = 32
+    train_limit: Optional[int] = None    # images per task (seeded random subset); None: all
+    val_limit: Optional[int] = None
+    epochs: int = 3
+    lr: float = 2e-3
+    batch_size: int = 64
+    opt: str = 'adamw'
+    weight_decay: float = 0.05
+    mixture_lr_mult: float = 10.
+    warmup_epochs: int = 0
+    seed: int = 42
+    output: str = './output/train'
+    experiment: str = ''                 # '' -> tasks-<file stem>-<model>
+    device: Optional[str] = None         # None: CUDA when available, else CPU
+    source: str = 'config'               # where the config came from (file stem names the experiment)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain types only (stored in model.pth, loadable with weights_only=True)."""
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(MultiTaskConfig)}
+_TASK_FIELDS = {f.name for f in dataclasses.fields(TaskSpec)}
+
+
+def _config_from_dict(cfg: Dict[str, Any], where: str) -> MultiTaskConfig:
+    if not isinstance(cfg, dict):
+        raise ValueError(f'{where}: expected a mapping of settings, got {type(cfg).__name__}')
+    unknown = sorted(set(cfg) - _FIELDS)
+    if unknown:
+        raise ValueError(f'{where}: unknown keys {unknown}; known keys: {sorted(_FIELDS)}')
+    tasks = cfg.get('tasks')
+    if not isinstance(tasks, list) or not tasks:
+        raise ValueError(f'{where}: expected a non-empty list under "tasks", got {tasks!r}')
+    specs = []
+    for i, t in enumerate(tasks):
+        t = dataclasses.asdict(t) if isinstance(t, TaskSpec) else t
+        missing = [k for k in ('name', 'data', 'classes') if not isinstance(t, dict) or k not in t]
+        if missing:
+            raise ValueError(f'{where}: task #{i} lacks {missing} (each task needs name, data, classes)')
+        extra = sorted(set(t) - _TASK_FIELDS)
+        if extra:
+            raise ValueError(f'{where}: task {t["name"]!r} has unknown keys {extra}; known: {sorted(_TASK_FIELDS)}')
+        if not (isinstance(t['classes'], int) or isinstance(t['classes'], list)):
+            raise ValueError(f'{where}: task {t["name"]!r}: classes must be a count or a list of names')
+        specs.append(TaskSpec(**{**t, 'data': str(t['data'])}))
+    names = [t.name for t in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f'{where}: task names repeat: {names}')
+    values = {k: v for k, v in cfg.items() if v is not None or k in ('share_from', 'init_logit', 'device')}
+    return MultiTaskConfig(**{**values, 'tasks': specs, 'model_kwargs': dict(cfg.get('model_kwargs') or {})})
+
+
+def read_task_config(path: Union[str, Path, Dict[str, Any], MultiTaskConfig]) -> MultiTaskConfig:
+    """Read and check a task YAML (or an already-read mapping): `tasks` is a list of {name, data, classes}.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the key that is wrong.
+    """
+    if isinstance(path, MultiTaskConfig):
+        return path
+    if isinstance(path, dict):
+        return _config_from_dict(path, '<config>')
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'task file {path} does not exist')
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if isinstance(cfg, dict):
+        cfg.setdefault('source', path.stem)
+    return _config_from_dict(cfg, str(path))
+
+
+def config_from_flags(args: argparse.Namespace) -> MultiTaskConfig:
+    """train.py --tasks: the task file's values, then train.py's flags where the file says nothing."""
+    config = read_task_config(args.tasks)
+    given = yaml.safe_load(Path(args.tasks).read_text()) if not isinstance(args.tasks, dict) else args.tasks
+    for name in ('model', 'img_size', 'epochs', 'lr', 'batch_size', 'opt', 'weight_decay', 'mixture_lr_mult',
+                 'warmup_epochs', 'output', 'experiment', 'device'):
+        value = getattr(args, name, None)
+        if (given or {}).get(name) is None and value not in (None, ''):
+            setattr(config, name, value)
+    if getattr(args, 'seed', None) is not None:
+        config.seed = int(args.seed)
+    return config
+
+
+def build_task_model(config: Union[MultiTaskConfig, Dict[str, Any]]) -> MultiTaskIsoMix:
+    """The multi-task model a config describes (`model`, `model_kwargs`, `tasks`, `share_from`, `init_logit`,
+    and the baselines' `hard_shared` (one trunk, own heads) or `share_head` (one head))."""
+    config = read_task_config(config)
+    trunk = timm.create_model(config.model, num_classes=0, **config.model_kwargs)
+    if not isinstance(trunk, IsoMixNet):
+        raise ValueError(f'multi-task models need an isometric isomix trunk (isomix_iso_*), got {config.model!r}')
+    model = MultiTaskIsoMix(trunk, {}, share_from=config.share_from, init_logit=config.init_logit)
+    first = config.tasks[0].name
+    for i, t in enumerate(config.tasks):
+        model.add_task(t.name, t.num_classes, share_trunk_with=first if i and config.hard_shared else None,
+                       share_head_with=first if i and config.share_head else None)
+    return model
+
+
+def load_task_model(path: Union[str, Path], map_location: str = 'cpu') -> MultiTaskIsoMix:
+    """Rebuild a trained multi-task model from the `model.pth` that train_tasks writes (then add tasks to it)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    model = build_task_model(ckpt['config'])
+    model.load_state_dict(ckpt['state_dict'])
+    return model
+
+
+def _task_datasets(config: MultiTaskConfig):
+    train_sets, val_sets = {}, {}
+    for t in config.tasks:
+        root = prepare_dataset(t.data)
+        limit_tr = t.train_limit if t.train_limit is not None else config.train_limit
+        limit_val = t.val_limit if t.val_limit is not None else config.val_limit
+        train_sets[t.name] = load_task_data(root, 'train', t.classes, config.img_size, limit_tr, config.seed, t.name)
+        val_sets[t.name] = load_task_data(root, 'val', t.classes, config.img_size, limit_val, config.seed, t.name)
+    return train_sets, val_sets
+
+
+def _write_outputs(model: MultiTaskIsoMix, config: MultiTaskConfig, out_dir: Path, results: dict) -> None:
+    atomic_save({'config': config.to_dict(), 'state_dict': model.state_dict()}, str(out_dir / 'model.pth'))
+    for t in model.tasks:
+        atomic_save({'task': t, 'num_classes': model.tasks[t].num_classes,
+                     'state_dict': model.task_state_dict(t)}, str(out_dir / f'task_{t}.pth'))
+    alphas = model.alphas()
+    results['js_per_layer'] = js_sharing(alphas).tolist()
+    plot_task_mixtures(alphas, out_dir / 'mixtures.png', title=f'{config.model}: alpha per task')
+    plot_sharing(alphas, out_dir / 'sharing.png')
+    atomic_write_bytes(json.dumps(results, indent=1).encode(), str(out_dir / 'results.json'))
+
+
+def train_tasks(config: Union[MultiTaskConfig, str, Path, Dict[str, Any]]) -> dict:
+    """Train the config's tasks jointly; the entry point of `train.py --tasks`.
+
+    Writes to `<output>/<experiment>` (a new folder, never an existing one): `model.pth` (everything),
+    `task_<name>.pth` per task (its mixtures, statistics and head), `summary.csv`, `results.json`,
+    `mixtures.png` (alpha per task x layer x template) and `sharing.png` (per-layer Jensen-Shannon).
+    Runs under torchrun like single-task training (gloo on CPU, one sampler shard per rank).
+    """
+    config = read_task_config(config)
+    dist = argparse.Namespace(device=config.device, dist_backend=None, dist_url='env://')
+    device = setup_distributed(dist)
+    primary = getattr(dist, 'rank', 0) == 0
+    torch.manual_seed(config.seed)  # the same initial model on every rank
+    model = build_task_model(config).to(device)
+    train_sets, val_sets = _task_datasets(config)
+    out_dir = None
+    if primary:
+        exp = config.experiment or f'tasks-{config.source}-{config.model}'
+        out_dir = Path(get_outdir(config.output or './output/train', exp, inc=True))
+        _logger.info(f'writing to {out_dir}')
+
+    def log(metrics):
+        if primary:
+            update_summary(metrics['epoch'], {k: v for k, v in metrics.items() if 'train' in k},
+                           {k: v for k, v in metrics.items() if 'train' not in k and k != 'epoch'},
+                           str(out_dir / 'summary.csv'), write_header=metrics['epoch'] == 1)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+
+    history = fit_tasks(
+        model, train_sets, val_sets if primary else None, epochs=config.epochs, lr=config.lr,
+        batch_size=config.batch_size, opt=config.opt, weight_decay=config.weight_decay,
+        mixture_lr_mult=config.mixture_lr_mult, warmup_epochs=config.warmup_epochs, device=device,
+        seed=config.seed, distributed=getattr(dist, 'distributed', False), log_fn=log)
+    results = {'model': config.model, 'tasks': [t.name for t in config.tasks], 'out_dir': str(out_dir),
+               'params': count_params(model), 'history': history,
+               'task_params': {t: count_params(model.task_parameters(t)) for t in model.tasks}}
+    if primary:
+        results['top1'] = {t: history[-1][f'{t}_top1'] for t in model.tasks}
+        _write_outputs(model, config, out_dir, results)
+    return results

@@ -1,0 +1,1 @@
+"""Tools above the models: the speed benchmark and the model table."""

@@ -1,0 +1,1 @@
+"""Training, validation and checkpoints: the logic behind train.py and validate.py."""

@@ -1,0 +1,71 @@
+"""Optimizer of an isomix model: timm's parameter groups, plus one group for the mixture logits."""
+import argparse
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer_decay, param_groups_weight_decay
+
+__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'create_optimizer', 'resolve_lr']
+
+_logger = logging.getLogger('train')
+
+MIXTURE_SUFFIX = 'mixture.logits'
+
+
+def mixture_param_groups(
+        model: nn.Module,
+        weight_decay: float,
+        lr: float,
+        mixture_lr_mult: float = 1.0,
+        layer_decay: Optional[float] = None,
+) -> List[Dict[str, Any]]:
+    """timm's parameter groups (weight decay / layer decay as timm builds them) with the mixture logits
+    moved to a group of their own: `weight_decay=0`, `lr = lr * mixture_lr_mult`.
+
+    The group carries an explicit 'lr', so timm's schedulers (which scale each group's initial lr)
+    keep the ratio throughout the schedule.
+    """
+    no_wd = set(getattr(model, 'no_weight_decay', lambda: set())())
+    if layer_decay is not None:
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=no_wd)
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_wd)
+    mixture = [p for n, p in model.named_parameters() if n.endswith(MIXTURE_SUFFIX) and p.requires_grad]
+    ids = {id(p) for p in mixture}
+    out = []
+    for g in groups:
+        params = [p for p in g['params'] if id(p) not in ids]
+        if params:
+            out.append({**g, 'params': params})
+    if mixture:
+        out.append({'params': mixture, 'weight_decay': 0., 'lr': lr * mixture_lr_mult, 'group_name': 'mixture'})
+    return out
+
+
+def create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """timm.optim.create_optimizer_v2 with timm's optimizer flags and the mixture group."""
+    kwargs = optimizer_kwargs(cfg=args)
+    groups = mixture_param_groups(
+        model, kwargs.pop('weight_decay'), args.lr, args.mixture_lr_mult, kwargs.pop('layer_decay', None))
+    kwargs.pop('layer_decay_min_scale', None)
+    kwargs.pop('layer_decay_no_opt_scale', None)
+    return create_optimizer_v2(groups, **kwargs)
+
+
+def resolve_lr(args: argparse.Namespace) -> None:
+    """Set args.lr from --lr-base when --lr is not given (timm's rule: scaled by the global batch)."""
+    if args.lr is not None:
+        return
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    if scale == 'sqrt':
+        ratio = ratio ** 0.5
+    args.lr = args.lr_base * ratio
+    _logger.info(f'Learning rate ({args.lr}) from base {args.lr_base} x {scale} batch ratio ({global_batch}/{args.lr_base_size})')
+
+
