@@ -67,7 +67,7 @@ def test_published_repo_id_follows_the_org_environment_variable(monkeypatch):
 
 def test_an_unpublished_tag_names_the_org_set_after_import_and_the_publish_command(monkeypatch):
     asked = []
-    monkeypatch.setattr(hub, '_hub_download', lambda repo_id, filename, cache_dir: asked.append(repo_id))
+    monkeypatch.setattr('timm_isomix.models._hub._hub_download', lambda repo_id, filename, cache_dir: asked.append(repo_id))
     monkeypatch.setattr('huggingface_hub.file_exists', lambda *a, **kw: False)
     monkeypatch.setenv(hub.ORG_ENV, 'my-lab')
     with pytest.raises(hub.WeightsNotPublishedError,
