@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import register_notrace_module
 
-__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'order_logits', 'INIT_LOGIT']
+__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'order_logits', 'INIT_LOGIT', 'MIXTURE_INITS']
 
 # Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2,
 # 0.93 for K=5. Sharp enough that each template first learns a role of its own, soft enough that the
@@ -27,6 +27,11 @@ __all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'order_logits'
 # gradient vanishes).
 # A warm start sets sharp logits instead (models.resnet.WARM_START_LOGIT).
 INIT_LOGIT = 4.0
+# How a mixture's logits start: 'cyclic' (INIT_LOGIT, or `init_logit`, on layer l's template l mod K, 0 on the
+# others), 'uniform' (all templates equal, plus N(0, 0.01^2) noise), 'random' (U(0, 1) per logit, as the
+# authors' reference code starts its single-task mixtures).
+MIXTURE_INITS = ('cyclic', 'uniform', 'random')
+UNIFORM_NOISE = 0.01
 
 
 def cyclic_order(num_layers: int, num_templates: int) -> List[int]:
@@ -108,10 +113,13 @@ class Mixture(nn.Module):
             order: Optional[Sequence[int]] = None,
             temperature: float = 1.0,
             init_logit: float = INIT_LOGIT,
+            init: str = 'cyclic',
             device=None,
             dtype=None,
     ):
         super().__init__()
+        if init not in MIXTURE_INITS:
+            raise ValueError(f'unknown mixture init {init!r}; expected one of {MIXTURE_INITS}')
         if num_layers < 1:
             raise ValueError(f'a schedule needs at least one layer, got num_layers={num_layers}')
         if num_templates < 1:
@@ -119,6 +127,7 @@ class Mixture(nn.Module):
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f'temperature must be a positive finite number, got {temperature}')
         self.num_layers, self.num_templates, self.temperature = num_layers, num_templates, float(temperature)
+        self.init, self.init_logit = init, float(init_logit)
         self._cache: Optional[Tuple[tuple, Tuple[torch.Tensor, torch.Tensor]]] = None
         if order is not None:
             order = [int(k) for k in order]
@@ -131,10 +140,22 @@ class Mixture(nn.Module):
             self.register_parameter('logits', None)
         else:
             self.order = None
-            logits = torch.empty(num_layers, num_templates, device=device, dtype=dtype)
-            if logits.device.type != 'meta':
-                logits.copy_(order_logits(cyclic_order(num_layers, num_templates), num_templates, init_logit))
-            self.logits = nn.Parameter(logits)
+            self.logits = nn.Parameter(torch.empty(num_layers, num_templates, device=device, dtype=dtype))
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Logits as `init` says (see MIXTURE_INITS); a hard order has none."""
+        if self.logits is None or self.logits.device.type == 'meta':
+            return
+        if self.init == 'cyclic':
+            logits = order_logits(cyclic_order(self.num_layers, self.num_templates), self.num_templates, self.init_logit)
+        elif self.init == 'uniform':
+            logits = torch.randn(self.num_layers, self.num_templates) * UNIFORM_NOISE
+        else:
+            logits = torch.rand(self.num_layers, self.num_templates)
+        self.logits.copy_(logits)
+        self._cache = None
 
     @property
     def is_hard(self) -> bool:
@@ -266,7 +287,8 @@ class Schedule(nn.Module):
         old = self.mixture
         mixture = Mixture(
             num_layers, old.num_templates, order=order,
-            temperature=old.temperature if temperature is None else temperature, **dd)
+            temperature=old.temperature if temperature is None else temperature, init_logit=old.init_logit,
+            init=old.init, **dd)
         old_templates, new_templates = _scheduled_templates(old), _scheduled_templates(mixture)
         rates = list(drop_path_rates) if drop_path_rates is not None else [0.] * num_layers
         layers = []
@@ -283,7 +305,7 @@ class Schedule(nn.Module):
         old = self.mixture
         mixture = Mixture(
             num_layers, old.num_templates, order=None if old.order is None else old.order[:num_layers],
-            temperature=old.temperature, device=old.logits.device if old.logits is not None else None,
+            temperature=old.temperature, init_logit=old.init_logit, init=old.init, device=old.logits.device if old.logits is not None else None,
             dtype=old.logits.dtype if old.logits is not None else None)
         if old.logits is not None:
             mixture.logits = nn.Parameter(old.logits.detach()[:num_layers].clone(), old.logits.requires_grad)

@@ -39,6 +39,7 @@ class IsoMixNet(IsoMixModel):
             order: Order = None,
             temperature: float = 1.0,
             init_logit: float = INIT_LOGIT,
+            mixture_init: str = 'cyclic',
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -59,6 +60,7 @@ class IsoMixNet(IsoMixModel):
             order: a hard order, one template index per executed layer (L = its length).
             temperature: softmax temperature of the mixture.
             init_logit: initial logit of each layer's scheduled template (cyclic order), the others 0.
+            mixture_init: how the mixture logits start: 'cyclic', 'uniform' or 'random' (see bank.MIXTURE_INITS).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -83,7 +85,8 @@ class IsoMixNet(IsoMixModel):
             ('act', act_layer(inplace=True)),
         ]))
         self.bank = TemplateBank(BasicLayer.template_shapes(width), num_templates, **dd)
-        mixture = Mixture(depth, num_templates, order=order, temperature=temperature, init_logit=init_logit, **dd)
+        mixture = Mixture(depth, num_templates, order=order, temperature=temperature, init_logit=init_logit,
+                          init=mixture_init, **dd)
         self.schedule = Schedule(partial(BasicLayer, width, act_layer=act_layer), mixture, **dd)
         self._update_depth()
 

@@ -71,6 +71,7 @@ class IsoMixResNet(IsoMixModel):
             order: Order = None,
             temperature: float = 1.0,
             init_logit: float = INIT_LOGIT,
+            mixture_init: str = 'cyclic',
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -90,6 +91,7 @@ class IsoMixResNet(IsoMixModel):
             order: hard orders, one list of template indices (or None for learnable logits) per stage.
             temperature: softmax temperature of the mixtures.
             init_logit: initial logit of each layer's scheduled template (cyclic order), the others 0.
+            mixture_init: how the mixture logits start: 'cyclic', 'uniform' or 'random' (see bank.MIXTURE_INITS).
             num_classes: classifier outputs (0: no classifier).
             in_chans: input channels.
             global_pool: pooling type of the head.
@@ -139,7 +141,8 @@ class IsoMixResNet(IsoMixModel):
                 layer_fn = partial(BottleneckLayer, outplanes, planes, act_layer=act_layer)
             bank = TemplateBank(shapes, n - 1, **dd)
             num_layers = len(orders[i]) if orders[i] is not None else reuses[i] * (n - 1)
-            mixture = Mixture(num_layers, n - 1, order=orders[i], temperature=temperature, init_logit=init_logit, **dd)
+            mixture = Mixture(num_layers, n - 1, order=orders[i], temperature=temperature, init_logit=init_logit,
+                              init=mixture_init, **dd)
             stages.append(BankStage(first, bank, Schedule(layer_fn, mixture, **dd)))
             inplanes = outplanes
             self.feature_info.append(dict(num_chs=outplanes, reduction=reduction, module=f'stages.{i}'))
