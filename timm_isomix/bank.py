@@ -1,5 +1,5 @@
 """Template banks, mixtures and schedules: the whole method of "Compositional Models"
-(Zhmoginov, Bashkirova, Sandler, 2021, arXiv:2106.02626).
+(Zhmoginov, Bashkirova, Sandler, 2021, arXiv:2107.10963).
 
 A `TemplateBank` stacks K templates of one block type. A `Mixture` owns, for each executed
 layer l, K logits and turns them into that layer's parameters,
@@ -19,14 +19,18 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import register_notrace_module
 
-__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'order_logits', 'INIT_LOGIT', 'MIXTURE_INITS']
+__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'order_logits', 'INIT_LOGIT', 'SHARP_LOGIT', 'MIXTURE_INITS']
 
 # Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2,
 # 0.93 for K=5. Sharp enough that each template first learns a role of its own, soft enough that the
 # softmax gradient is alive and the mixtures can move (at a logit of 16 the softmax saturates and its
 # gradient vanishes).
-# A warm start sets sharp logits instead (models.resnet.WARM_START_LOGIT).
+# A warm start sets sharp logits instead (SHARP_LOGIT).
 INIT_LOGIT = 4.0
+# The logit (times the temperature) that stands for "this layer runs this template": alpha is one-hot to
+# ~1e-7 per other template, so the layer computes what the template computes to float32 precision.
+# Used by warm starts and when a hard order becomes learnable logits (Schedule.reschedule).
+SHARP_LOGIT = 16.0
 # How a mixture's logits start: 'cyclic' (INIT_LOGIT, or `init_logit`, on layer l's template l mod K, 0 on the
 # others), 'uniform' (all templates equal, plus N(0, 0.01^2) noise), 'random' (U(0, 1) per logit, as the
 # authors' reference code starts its single-task mixtures).
@@ -217,6 +221,41 @@ def _scheduled_templates(mixture: Mixture) -> List[int]:
     return mixture.argmax_order()
 
 
+# route(l, x) -> (template index per example (B,), gate per example (B,) or None): a router's decision at layer l
+Route = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def run_routed(
+        layer: nn.Module,
+        x: torch.Tensor,
+        templates: Sequence[Dict[str, torch.Tensor]],
+        index: torch.Tensor,
+        gate: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One executed layer with a template per example: example b runs `templates[index[b]]`.
+
+    Examples are gathered by template (one stable sort), each template runs once on its group, and the
+    results are scattered back (one index_copy): no loop over examples. When every example takes the same
+    template the batch runs as it is, so a route fixed for the whole batch computes exactly that hard order.
+    In training, each group is normalized with its own batch statistics and updates the layer's running
+    statistics (one set per executed layer, whichever template runs there, as with the mixtures).
+    `gate` (B,), if given, scales each example's output (straight-through gradients to a router; 1 forward).
+    The group sizes are data: FX symbolic tracing cannot follow this and fails at `tolist()`.
+    """
+    counts = torch.bincount(index, minlength=len(templates)).tolist()
+    used = [k for k, c in enumerate(counts) if c]
+    if len(used) == 1:
+        y = layer(x, templates[used[0]])
+    else:
+        perm = torch.argsort(index, stable=True)
+        groups = x.index_select(0, perm).split([counts[k] for k in used])
+        y = torch.cat([layer(g, templates[k]) for k, g in zip(used, groups)])
+        y = torch.empty_like(y).index_copy(0, perm, y)
+    if gate is not None:
+        y = y * gate.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    return y
+
+
 class Schedule(nn.Module):
     """The executed layers of one bank: a mixture, and per layer its normalization statistics.
 
@@ -251,19 +290,28 @@ class Schedule(nn.Module):
             bank: TemplateBank,
             take: Sequence[int] = (),
             end: Optional[int] = None,
+            route: Optional[Route] = None,
     ):
-        """Run the layers (the first `end` of them, if given); with `take`, also return those layers' outputs."""
+        """Run the layers (the first `end` of them, if given); with `take`, also return those layers' outputs.
+
+        With `route` (a router's decisions, hard order only), layer l runs, for each example, the template
+        `route(l, x)` names, grouped by template (see `run_routed`) instead of the order's template.
+        """
+        if route is not None and not self.mixture.is_hard:
+            raise ValueError('per-example routes run templates as they are: the schedule needs a hard order')
         num_rows = bank.num_templates if self.mixture.is_hard else self.mixture.num_layers
         weight, affine = self.mixture(bank.weight, bank.affine)  # unpacked first: FX can unpack, not star-expand
         rows_params = bank.unflatten_rows(weight, affine, num_rows)
         rows = self.mixture.rows()
         intermediates = []
         for l, layer in enumerate(self.layers[:end]):
-            params = rows_params[rows[l]]
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(layer, x, params, use_reentrant=False)
+            if route is not None:
+                index, gate = route(l, x)
+                x = run_routed(layer, x, rows_params, index, gate)
+            elif self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(layer, x, rows_params[rows[l]], use_reentrant=False)
             else:
-                x = layer(x, params)
+                x = layer(x, rows_params[rows[l]])
             if l in take:
                 intermediates.append(x)
         return (x, intermediates) if take else x
@@ -278,8 +326,11 @@ class Schedule(nn.Module):
     ) -> None:
         """Change depth and/or order; the bank is untouched.
 
-        A new layer starts from the statistics of the first old layer that ran the same template
-        (mostly), so a warm-started network keeps working when it is made deeper.
+        A layer where the new schedule runs the same template at the same position as the old one keeps
+        its statistics and its logits. Any other layer starts as the first old layer that ran its template:
+        that layer's statistics and logits (a layer of a hard order counts as sharp logits, SHARP_LOGIT),
+        so a trained or warm-started network computes the same layers when it is made deeper. A layer
+        whose template no old layer ran starts with fresh statistics and the mixture's initial logits.
         """
         num_layers = len(order) if order is not None else (num_layers or self.num_layers)
         stats = next(self.layers[0].buffers())  # device and dtype of the layers' statistics
@@ -290,13 +341,25 @@ class Schedule(nn.Module):
             temperature=old.temperature if temperature is None else temperature, init_logit=old.init_logit,
             init=old.init, **dd)
         old_templates, new_templates = _scheduled_templates(old), _scheduled_templates(mixture)
+        copy_logits = mixture.logits is not None and mixture.logits.device.type != 'meta'
+        if copy_logits:
+            old_logits = old.logits.detach() if old.logits is not None else order_logits(
+                old.order, old.num_templates, SHARP_LOGIT * mixture.temperature)
         rates = list(drop_path_rates) if drop_path_rates is not None else [0.] * num_layers
         layers = []
-        for l in range(num_layers):
+        for l, template in enumerate(new_templates):
             layer = self.layer_fn(drop_path=rates[l], **dd)
-            if new_templates[l] in old_templates:
-                layer.load_state_dict(self.layers[old_templates.index(new_templates[l])].state_dict())
+            if l < len(old_templates) and old_templates[l] == template:
+                source = l
+            else:
+                source = old_templates.index(template) if template in old_templates else None
+            if source is not None:
+                layer.load_state_dict(self.layers[source].state_dict())
+                if copy_logits:
+                    mixture.logits[l] = old_logits[source]
             layers.append(layer)
+        if mixture.logits is not None and old.logits is not None:
+            mixture.logits.requires_grad_(old.logits.requires_grad)
         self.mixture = mixture.train(self.training)
         self.layers = nn.ModuleList(layers).train(self.training)
 
