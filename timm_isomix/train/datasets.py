@@ -12,7 +12,7 @@ from typing import List, Optional
 
 __all__ = ['ARCHIVES', 'data_dirs', 'find_archive', 'prepare_dataset']
 
-ARCHIVES = ('cifar10', 'imagenette128', 'mnist', 'mnistm', 'usps')
+ARCHIVES = ('cifar10', 'imagenette128', 'miniimagenet32', 'mnist', 'mnistm', 'usps')
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -1,0 +1,90 @@
+"""`python -m timm_isomix.experiments {run,report,list}`: see the package docstring."""
+import argparse
+import dataclasses
+import json
+import sys
+from typing import List, Optional
+
+from .report import markdown_table, summarize, write_report
+from .runner import STUDIES, Scale, finished_runs, results_root, run_study
+from . import studies  # noqa: F401  (registers the studies)
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if text == 'all' else int(text)
+
+
+def _scale(study, args) -> Scale:
+    scale = dataclasses.replace(study.scale)
+    for key in ('epochs', 'train_limit', 'val_limit', 'batch_size', 'width_mult'):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(scale, key, None if value == 'all' else value)
+    return scale
+
+
+def _study(name: str):
+    if name not in STUDIES:
+        raise SystemExit(f'experiments: error: unknown study {name!r}; studies: {", ".join(sorted(STUDIES))}')
+    return STUDIES[name]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m timm_isomix.experiments', description=__doc__)
+    sub = p.add_subparsers(dest='command', required=True)
+    run = sub.add_parser('run', help='run the unfinished (configuration, seed) pairs of a study')
+    run.add_argument('study')
+    run.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    run.add_argument('--configs', nargs='+', default=None, help='a subset of the configurations (default: all)')
+    run.add_argument('--jobs', type=int, default=1, help='runs in parallel (subprocesses)')
+    run.add_argument('--threads', type=int, default=None, help='torch threads per run')
+    run.add_argument('--epochs', type=int, default=None)
+    run.add_argument('--train-limit', type=_optional_int, default=None, help='training images, or "all"')
+    run.add_argument('--val-limit', type=_optional_int, default=None, help='validation images, or "all"')
+    run.add_argument('--batch-size', type=int, default=None)
+    run.add_argument('--width-mult', type=float, default=None)
+    rep = sub.add_parser('report', help='write report.md and plots from the finished runs')
+    rep.add_argument('study')
+    rep.add_argument('--scale', default='cpu', help='scale name (the folder under the study; default cpu)')
+    rep.add_argument('--json', action='store_true', help='print the per-configuration summary as JSON instead')
+    sub.add_parser('list', help='each study, its configurations and finished seeds')
+    args = p.parse_args(argv)
+
+    if args.command == 'list':
+        for name, study in sorted(STUDIES.items()):
+            print(f'{name}: {study.description.splitlines()[0]}')
+            scales = sorted(d.name for d in (results_root() / name).glob('*') if d.is_dir())
+            for scale in scales or ['cpu']:
+                done = finished_runs(name, scale)
+                print(f'  [{scale}]')
+                for config in study.configs:
+                    print(f'    {config}: seeds {sorted(done.get(config, {})) or "none"}')
+        return 0
+    study = _study(args.study)
+    if args.command == 'report':
+        if args.json:
+            rows = summarize(study, args.scale)
+            print(json.dumps([{'config': r['config'], 'top1_mean': r.get('top1_mean'), 'top1_std': r.get('top1_std'),
+                               'n': r['n'], 'params': r.get('params')} for r in rows], indent=1))
+            return 0
+        try:
+            paths = write_report(study, args.scale)
+        except FileNotFoundError as e:
+            print(f'experiments: error: {e}', file=sys.stderr)
+            return 2
+        print(markdown_table(study, summarize(study, args.scale)))
+        print('\n'.join(f'{k}: {v}' for k, v in paths.items()))
+        return 0
+    if args.epochs is not None and args.epochs < 1:
+        print(f'experiments: error: --epochs must be at least 1, got {args.epochs}', file=sys.stderr)
+        return 2
+    try:
+        failed = run_study(study, args.seeds, _scale(study, args), args.configs, args.jobs, args.threads)
+    except KeyError as e:
+        print(f'experiments: error: {e.args[0]}', file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
