@@ -168,3 +168,72 @@ def test_joint_training_on_real_digits_beats_chance(shared_dataset, tmp_path):
                      {'name': 'usps', 'data': str(shared_dataset('usps')), 'classes': 10}]}
     res = train_tasks({**cfg, 'output': str(tmp_path), 'experiment': 'digits', 'seed': 0})
     assert res['top1']['mnist'] > 40 and res['top1']['usps'] > 40  # chance: 10
+
+
+# --- the controls: shared trunk, model patch, independent networks, parameter counts -------------
+def test_share_from_zero_is_a_hard_shared_trunk_with_per_task_statistics():
+    model = tiny_model(share_from=0).train()
+    a, b = model.tasks['a'], model.tasks['b']
+    assert [s.mixture for s in a.schedules] == [model.shared_mixture] == [s.mixture for s in b.schedules]
+    assert a.mixture_logits(model.shared_mixture) == []
+    model(torch.randn(4, 3, 32, 32) * 3 + 1, task='a')
+    assert not torch.equal(a.schedules[0].layers[0].bn1.running_mean, b.schedules[0].layers[0].bn1.running_mean)
+    assert count_params(model.task_parameters('a')) == 8 * 3 + 3  # the head alone
+
+
+def test_a_patched_task_starts_as_it_was_and_owns_its_batchnorm_scale_and_shift():
+    model = tiny_model(share_from=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x, task='a')
+    path = model.add_task('p', 3, init_from='a', patch=True)
+    with torch.no_grad():
+        path.head.load_state_dict(model.tasks['a'].head.state_dict())
+    assert torch.allclose(model(x, task='p'), before, atol=1e-5)  # the patch starts at the mixed scale/shift
+    affine = model.bank.affine.shape[1]
+    assert path.patch_stem.shape == (2, 8) and path.patch_layers.shape == (4, affine)
+    assert count_params(model.task_parameters('p')) == 2 * 8 + 4 * affine + 8 * 3 + 3
+    with torch.no_grad():
+        path.patch_layers.mul_(2)
+        model.bank.affine.mul_(3)  # the bank's scale and shift no longer reach a patched task
+    out = model(x, task='p')
+    with torch.no_grad():
+        model.bank.affine.zero_()
+    assert torch.equal(model(x, task='p'), out) and not torch.allclose(out, before, atol=1e-3)
+
+
+def test_independent_tasks_run_their_own_stem_and_bank_and_are_counted_in_full():
+    model = tiny_model({'a': 3})
+    model.add_task('b', 5, own_trunk=True)
+    x = torch.randn(2, 3, 32, 32)
+    b0 = model.eval()(x, task='b')
+    with torch.no_grad():
+        model.bank.weight.add_(1.)  # task a's trunk
+    assert torch.equal(model(x, task='b'), b0)
+    counts = model.param_counts()
+    assert counts['shared'] == 0
+    assert counts['own']['a'] == counts['used']['a'] == count_params(model.used_parameters('a'))
+    assert counts['total'] == counts['used']['a'] + counts['used']['b'] == count_params(model)
+
+
+def test_parameter_counts_count_the_shared_bank_and_stem_once():
+    model = tiny_model({'a': 3, 'b': 5, 'c': 2})
+    counts = model.param_counts()
+    trunk = count_params(model.bank) + count_params(model.stem)
+    assert counts['shared'] == trunk
+    assert counts['own'] == {'a': 4 * 2 + 8 * 3 + 3, 'b': 4 * 2 + 8 * 5 + 5, 'c': 4 * 2 + 8 * 2 + 2}
+    assert counts['total'] == trunk + sum(counts['own'].values()) == count_params(model)
+    assert counts['used']['a'] == trunk + counts['own']['a']
+
+
+def test_random_mixture_init_gives_every_task_its_own_start():
+    model = tiny_model(mixture_init='random', share_from=2)
+    la, lb = (model.tasks[t].schedules[0].mixture.logits for t in 'ab')
+    assert not torch.equal(la, lb) and la.min() >= 0 and la.max() <= 1
+    with pytest.raises(ValueError, match="unknown mixture_init 'glorot'"):
+        tiny_model(mixture_init='glorot')
+
+
+def test_a_patch_cannot_be_combined_with_a_borrowed_trunk():
+    model = tiny_model()
+    with pytest.raises(ValueError, match='share_trunk_with takes the whole trunk'):
+        model.add_task('c', 3, share_trunk_with='a', patch=True)
