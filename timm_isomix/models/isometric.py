@@ -18,10 +18,11 @@ from timm.layers import DropPath, get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # timm.models exports no public name for it
 
-from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank
+from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, cyclic_order
 from ..blocks import BasicLayer
 from ._base import IsoMixModel, Order, base_cfg, normalize_order
 from ._hub import pretrained_kwargs, published_cfg
+from .routing import TaskIds, build_router
 
 __all__ = ['IsoMixNet']
 
@@ -40,6 +41,10 @@ class IsoMixNet(IsoMixModel):
             temperature: float = 1.0,
             init_logit: float = INIT_LOGIT,
             mixture_init: str = 'cyclic',
+            routing: Optional[str] = None,
+            router: Optional[str] = None,
+            num_tasks: int = 1,
+            router_args: Optional[Dict[str, Any]] = None,
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -61,6 +66,9 @@ class IsoMixNet(IsoMixModel):
             temperature: softmax temperature of the mixture.
             init_logit: initial logit of each layer's scheduled template (cyclic order), the others 0.
             mixture_init: how the mixture logits start: 'cyclic', 'uniform' or 'random' (see bank.MIXTURE_INITS).
+            routing: Routing Networks instead of a mixture: 'task' (a route per task) or 'input' (per example);
+                see models/routing.py. `router`: 'reinforce' (default), 'wpl' or 'gumbel'; `num_tasks`: tasks the
+                router tells apart (forward(x, task=...)); `router_args`: reward, cost, collab, tau, tau_end, hidden, embed.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -71,6 +79,9 @@ class IsoMixNet(IsoMixModel):
         order = normalize_order(order, 1)[0]
         if order is not None:
             depth = len(order)
+        self.router = build_router(routing, router, depth, num_templates, width, num_tasks, order, router_args, **dd)
+        if self.router is not None:
+            order = cyclic_order(depth, num_templates)  # templates run as they are; the router picks which
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -111,6 +122,8 @@ class IsoMixNet(IsoMixModel):
         if self.bank.weight.device.type != 'meta':
             for k in range(self.bank.num_templates):
                 BasicLayer.init_template(self.bank.template(k), zero_init_last)
+        if self.router is not None:
+            self.router.reset_parameters()
 
     # --- schedule -------------------------------------------------------------------------
     def mixtures(self) -> Dict[str, Mixture]:
@@ -118,6 +131,8 @@ class IsoMixNet(IsoMixModel):
 
     def set_schedule(self, reuse: Optional[int] = None, order: Order = None, depth: Optional[int] = None) -> None:
         """Change depth (`reuse` * K or `depth` layers, cyclic learnable logits) or set a hard order."""
+        if self.router is not None:
+            raise ValueError('a routed model has no schedule to set: its router chooses the templates')
         order = normalize_order(order, 1)[0]
         if reuse is not None:
             if int(reuse) < 1:
@@ -132,17 +147,17 @@ class IsoMixNet(IsoMixModel):
     def schedule_args(self) -> Dict[str, Any]:
         """Model kwargs (`depth` or `order`) that rebuild the current schedule with create_model()."""
         m = self.schedule.mixture
-        return dict(order=list(m.order)) if m.is_hard else dict(depth=m.num_layers)
+        return dict(order=list(m.order)) if m.is_hard and self.router is None else dict(depth=m.num_layers)
 
     # --- timm model contract ------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^stem', blocks=r'^bank|^schedule' if coarse else [
-            (r'^bank', (0,)), (r'^schedule\.layers\.(\d+)', None), (r'^schedule\.mixture', (99999,))])
+            (r'^bank', (0,)), (r'^schedule\.layers\.(\d+)', None), (r'^schedule\.mixture|^router', (99999,))])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {'schedule.mixture.logits', 'bank.affine'}
+        return {'schedule.mixture.logits', 'bank.affine', 'router.*'}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -157,13 +172,14 @@ class IsoMixNet(IsoMixModel):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
+            task: TaskIds = None,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Outputs of the executed layers; `norm` has no effect (no final norm)."""
+        """Outputs of the executed layers; `norm` has no effect (no final norm); `task` as in forward()."""
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         x = self.stem(x)
         x, intermediates = self.schedule(
-            x, self.bank, take=take_indices, end=max_index + 1 if stop_early else None)
+            x, self.bank, take=take_indices, end=max_index + 1 if stop_early else None, route=self._route(x, task))
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -181,8 +197,16 @@ class IsoMixNet(IsoMixModel):
             self.reset_classifier(0, '')
         return take_indices
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.schedule(self.stem(x), self.bank)
+    def _route(self, x: torch.Tensor, task: TaskIds):
+        return self.router.routes(x, task) if self.router is not None else None
+
+    def forward_features(self, x: torch.Tensor, task: TaskIds = None) -> torch.Tensor:
+        """`task`: a routed model's task (an int, or a tensor of ids per example; default 0)."""
+        x = self.stem(x)
+        return self.schedule(x, self.bank, route=self._route(x, task))
+
+    def forward(self, x: torch.Tensor, task: TaskIds = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, task))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: IsoMixNet) -> Dict[str, torch.Tensor]:
