@@ -7,7 +7,7 @@ from PIL import Image
 import timm_isomix  # noqa: F401  (registers the models)
 from timm_isomix.models.multitask import MultiTaskIsoMix, count_params
 from timm_isomix.tasks.data import load_task_data
-from timm_isomix.tasks.multitask import build_task_model, load_task_model, read_task_config, train_tasks
+from timm_isomix.tasks.multitask import VARIANTS, build_task_model, load_task_model, read_task_config, train_tasks
 from timm_isomix.train.plots import js_sharing
 
 
@@ -119,6 +119,37 @@ def test_dataset_folder_whose_classes_differ_from_the_tasks_is_rejected(tmp_path
         load_task_data(root, 'train', ['cat', 'cow'], task='pets')
     ds = load_task_data(root, 'train', ['cat', 'dog'], img_size=16, task='pets')
     assert ds.tensors[0].shape == (12, 3, 16, 16)  # grey images become 3-channel and resized
+
+
+def test_a_task_can_take_some_classes_of_a_folder_labelled_by_their_position(tmp_path):
+    root = _image_folder(tmp_path / 'ds', ['a', 'b', 'c'])  # brightness: a dark, c light
+    ds = load_task_data(root, 'train', ['c', 'a'], img_size=8, task='two')
+    x, y = ds.tensors
+    assert len(ds) == 12 and sorted(set(y.tolist())) == [0, 1]
+    assert torch.allclose(x[y == 0], torch.ones(1)) and torch.allclose(x[y == 1], -torch.ones(1))
+    with pytest.raises(ValueError, match=r"missing: \['d'\]"):
+        load_task_data(root, 'train', ['a', 'd'], task='two')
+
+
+def test_each_variant_builds_the_model_it_names():
+    tasks = [{'name': 'a', 'data': 'x', 'classes': 2}, {'name': 'b', 'data': 'x', 'classes': 3}]
+    models = {v: build_task_model({'model': 'isomix_iso_64_8_p2', 'model_kwargs': TINY, 'tasks': tasks, **cfg})
+              for v, cfg in VARIANTS.items()}
+    counts = {v: m.param_counts() for v, m in models.items()}
+    a, b = (models['isomix'].tasks[t] for t in 'ab')
+    assert a.schedules[0].mixture is not b.schedules[0].mixture and a.stem_stats is not b.stem_stats
+    st = models['shared_trunk']
+    assert st.tasks['a'].schedules[0].mixture is st.tasks['b'].schedules[0].mixture
+    assert st.tasks['a'].stem_stats is not st.tasks['b'].stem_stats
+    assert models['model_patch'].tasks['b'].has_patch and not models['shared_trunk'].tasks['b'].has_patch
+    assert models['hard_shared'].tasks['a'].stem_stats is models['hard_shared'].tasks['b'].stem_stats
+    assert models['independent'].tasks['b'].bank is not None
+    # the same trunk everywhere: isomix adds one mixture per task, independent a whole trunk
+    assert counts['isomix']['total'] - counts['shared_trunk']['total'] == 4 * 2
+    assert counts['independent']['total'] == counts['independent']['used']['a'] + counts['independent']['used']['b']
+    assert counts['independent']['shared'] == 0
+    bank = models['model_patch'].bank  # patched tasks run their own scale and shift, not the bank's or stem's
+    assert counts['model_patch']['shared'] == counts['shared_trunk']['shared'] - bank.affine.numel() - 2 * 8
 
 
 def test_task_file_without_required_fields_is_rejected(tmp_path):

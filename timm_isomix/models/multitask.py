@@ -285,9 +285,13 @@ class MultiTaskIsoMix(nn.Module):
         out = {}
         for name in names:
             path = self._path(name)
-            for module in (self._stem(path), self._bank(path), path):
+            stem, bank = self._stem(path), self._bank(path)
+            # a patched task runs its own scale and shift instead of the bank's and the stem's
+            unused = {id(bank.affine), id(stem.bn.weight), id(stem.bn.bias)} if path.has_patch else set()
+            for module in (stem, bank, path):
                 for p in module.parameters():
-                    out[id(p)] = p
+                    if id(p) not in unused:
+                        out[id(p)] = p
         return list(out.values())
 
     def task_parameters(self, task: str) -> List[nn.Parameter]:

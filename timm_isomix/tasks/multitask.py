@@ -20,7 +20,7 @@ import yaml
 from timm.utils import get_outdir, update_summary
 
 from ..models.isometric import IsoMixNet
-from ..models.multitask import MultiTaskIsoMix, count_params
+from ..models.multitask import MultiTaskIsoMix
 from ..train.datasets import prepare_dataset
 from ..train.distributed import setup_distributed
 from ..train.files import atomic_save, atomic_write_bytes
@@ -29,8 +29,8 @@ from .data import load_task_data
 from .fit import fit_tasks
 
 __all__ = [
-    'TaskSpec', 'MultiTaskConfig', 'read_task_config', 'config_from_flags', 'build_task_model', 'load_task_model',
-    'train_tasks',
+    'TaskSpec', 'MultiTaskConfig', 'VARIANTS', 'read_task_config', 'config_from_flags', 'build_task_model',
+    'load_task_model', 'train_tasks',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -56,9 +56,12 @@ class MultiTaskConfig:
     tasks: List[TaskSpec]
     model: str = 'isomix_iso_64_8_p2'
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    share_from: Optional[int] = None     # layers from this index on share one mixture across tasks
+    share_from: Optional[int] = None     # layers from this index on share one mixture across tasks (0: all)
     init_logit: Optional[float] = 2.0    # soft cyclic start; None: the trunk's own logits
+    mixture_init: Optional[str] = None   # 'uniform' / 'random': each task draws its own logits
     hard_shared: bool = False            # baseline: one trunk (statistics included), own heads
+    patch: bool = False                  # each task owns its BatchNorm scale and shift (the model patch)
+    independent: bool = False            # each task runs its own stem and bank (independent networks)
     share_head: bool = False             # one head for all tasks (domains of one label space)
     img_size: int = 32
     train_limit: Optional[int] = None    # images per task (seeded random subset); None: all
@@ -80,6 +83,15 @@ class MultiTaskConfig:
         """Plain types only (stored in model.pth, loadable with weights_only=True)."""
         return dataclasses.asdict(self)
 
+
+# The multi-task variants compared in the studies (config overrides), all trained with the same steps.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    'isomix': {},                                          # per-task mixtures, statistics and heads
+    'shared_trunk': dict(share_from=0),                    # one mixture for all; per-task statistics and heads
+    'model_patch': dict(share_from=0, patch=True),         # + per-task BatchNorm scale and shift (Mudrakarta)
+    'independent': dict(independent=True),                 # a network per task
+    'hard_shared': dict(hard_shared=True),                 # one trunk, statistics included; per-task heads
+}
 
 _FIELDS = {f.name for f in dataclasses.fields(MultiTaskConfig)}
 _TASK_FIELDS = {f.name for f in dataclasses.fields(TaskSpec)}
@@ -109,7 +121,8 @@ def _config_from_dict(cfg: Dict[str, Any], where: str) -> MultiTaskConfig:
     names = [t.name for t in specs]
     if len(set(names)) != len(names):
         raise ValueError(f'{where}: task names repeat: {names}')
-    values = {k: v for k, v in cfg.items() if v is not None or k in ('share_from', 'init_logit', 'device')}
+    values = {k: v for k, v in cfg.items()
+              if v is not None or k in ('share_from', 'init_logit', 'mixture_init', 'device')}
     return MultiTaskConfig(**{**values, 'tasks': specs, 'model_kwargs': dict(cfg.get('model_kwargs') or {})})
 
 
@@ -147,16 +160,22 @@ def config_from_flags(args: argparse.Namespace) -> MultiTaskConfig:
 
 def build_task_model(config: Union[MultiTaskConfig, Dict[str, Any]]) -> MultiTaskIsoMix:
     """The multi-task model a config describes (`model`, `model_kwargs`, `tasks`, `share_from`, `init_logit`,
-    and the baselines' `hard_shared` (one trunk, own heads) or `share_head` (one head))."""
+    `mixture_init`, and the controls `hard_shared` (one trunk, own heads), `patch` (own BatchNorm scale and
+    shift), `independent` (own stem and bank) or `share_head` (one head))."""
     config = read_task_config(config)
+    if config.hard_shared and (config.patch or config.independent):
+        raise ValueError('hard_shared (one trunk for all tasks) excludes patch and independent')
     trunk = timm.create_model(config.model, num_classes=0, **config.model_kwargs)
     if not isinstance(trunk, IsoMixNet):
         raise ValueError(f'multi-task models need an isometric isomix trunk (isomix_iso_*), got {config.model!r}')
-    model = MultiTaskIsoMix(trunk, {}, share_from=config.share_from, init_logit=config.init_logit)
+    model = MultiTaskIsoMix(trunk, {}, share_from=config.share_from, init_logit=config.init_logit,
+                            mixture_init=config.mixture_init)
     first = config.tasks[0].name
     for i, t in enumerate(config.tasks):
         model.add_task(t.name, t.num_classes, share_trunk_with=first if i and config.hard_shared else None,
-                       share_head_with=first if i and config.share_head else None)
+                       share_head_with=first if i and config.share_head else None,
+                       patch=config.patch,
+                       own_trunk=bool(i) and config.independent)
     return model
 
 
@@ -224,9 +243,10 @@ def train_tasks(config: Union[MultiTaskConfig, str, Path, Dict[str, Any]]) -> di
         batch_size=config.batch_size, opt=config.opt, weight_decay=config.weight_decay,
         mixture_lr_mult=config.mixture_lr_mult, warmup_epochs=config.warmup_epochs, device=device,
         seed=config.seed, distributed=getattr(dist, 'distributed', False), log_fn=log)
+    counts = model.param_counts()
     results = {'model': config.model, 'tasks': [t.name for t in config.tasks], 'out_dir': str(out_dir),
-               'params': count_params(model), 'history': history,
-               'task_params': {t: count_params(model.task_parameters(t)) for t in model.tasks}}
+               'params': counts['total'], 'history': history, 'task_params': counts['own'],
+               'used_params': counts['used']}
     if primary:
         results['top1'] = {t: history[-1][f'{t}_top1'] for t in model.tasks}
         _write_outputs(model, config, out_dir, results)
