@@ -57,15 +57,42 @@ def test_mixture_transfer_leaves_the_templates_bit_for_bit_unchanged_and_trains_
     assert all(p.requires_grad for p in model.parameters())  # freezing is undone afterwards
 
 
-def test_linear_probe_trains_only_the_head_and_keeps_statistics():
+# What learns in each mode (names under tasks.new); the statistics are re-estimated in all but one.
+LEARNS = {
+    'mixture_frozen_stats': {'schedules.0.mixture.logits', 'head.weight', 'head.bias'},
+    'mixture': {'schedules.0.mixture.logits', 'head.weight', 'head.bias'},
+    'stats': set(),
+    'linear': {'head.weight', 'head.bias'},
+    'patch': {'patch_stem', 'patch_layers', 'head.weight', 'head.bias'},
+    'mixture_patch': {'schedules.0.mixture.logits', 'patch_stem', 'patch_layers', 'head.weight', 'head.bias'},
+}
+
+
+@pytest.mark.parametrize('mode', list(LEARNS))
+def test_a_transfer_mode_trains_what_it_names_and_nothing_that_existed_before(mode):
     model = trained_like_model()
-    model.add_task('new', 3, init_from='src')
-    trainable = freeze_for_transfer(model, 'new', 'linear')
-    assert {id(p) for p in trainable} == {id(p) for p in model.tasks['new'].head.parameters()}
-    res = transfer(model, 'probe', 3, toy_data(), mode='linear', init_from='src', **FIT)
-    stats = model.tasks['probe'].stem_stats.running_mean
-    assert torch.equal(stats, model.tasks['src'].stem_stats.running_mean)
-    assert res['trainable'] == 8 * 3 + 3
+    with torch.no_grad():
+        model.tasks['src'].stem_stats.running_mean.fill_(0.5)  # source statistics unlike the new data's
+    before = snapshot(model)
+    src = model.tasks['src']
+    start = {'schedules.0.mixture.logits': src.schedules[0].mixture.logits, 'head.weight': src.head.weight,
+             'head.bias': src.head.bias, 'patch_stem': torch.stack([model.stem.bn.weight, model.stem.bn.bias]),
+             'patch_layers': src.alpha() @ model.bank.affine}
+    res = transfer(model, 'new', 3, toy_data(), toy_data(seed=1), mode=mode, init_from='src', **FIT)
+    assert changed(before, model, params_only=False) == []  # bank, stem, source task: parameters and statistics
+    new = dict(model.tasks['new'].named_parameters())
+    assert res['trainable'] == sum(new[n].numel() for n in LEARNS[mode])
+    moved = {n for n in start if n in new and not torch.allclose(new[n], start[n])}
+    assert moved == LEARNS[mode]
+    kept = torch.equal(model.tasks['new'].stem_stats.running_mean, src.stem_stats.running_mean)
+    assert kept == (mode == 'mixture_frozen_stats')
+    assert res['top1'] is not None and (res['history'] == []) == (mode == 'stats')
+
+
+def test_a_mode_that_trains_no_head_needs_a_source_head_of_the_same_classes():
+    model = trained_like_model()
+    with pytest.raises(ValueError, match="trains no head, so it runs 'src'.*3 classes; task 'new' has 5"):
+        transfer(model, 'new', 5, toy_data(), mode='stats', init_from='src')
 
 
 def test_full_finetuning_changes_the_bank():
