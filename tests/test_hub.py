@@ -29,7 +29,6 @@ def no_hub_traffic(monkeypatch):
     """In-process tests never reach a Hub (the round trip runs its own process against the local one)."""
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.delenv(hub.ALLOW_PICKLE_ENV, raising=False)
 
 
 @pytest.fixture(scope='module')
@@ -67,14 +66,16 @@ def test_published_repo_id_follows_the_org_environment_variable(monkeypatch):
 
 def test_an_unpublished_tag_names_the_org_set_after_import_and_the_publish_command(monkeypatch):
     asked = []
-    monkeypatch.setattr('timm_isomix.models._hub._hub_download', lambda repo_id, filename, cache_dir: asked.append(repo_id))
-    monkeypatch.setattr('huggingface_hub.file_exists', lambda *a, **kw: False)
+    monkeypatch.setattr('timm_isomix.models._hub._hub_download',
+                        lambda repo_id, filename, cache_dir: asked.append((repo_id, filename)))
     monkeypatch.setenv(hub.ORG_ENV, 'my-lab')
     with pytest.raises(hub.WeightsNotPublishedError,
                        match=r'weights of my-lab/isomix_iso_64_8_p2.cifar10 are not published.*'
                              r'`python -m timm_isomix.hub.publish CHECKPOINT --repo-id my-lab/isomix_iso_64_8_p2.cifar10`'):
         timm.create_model('isomix_iso_64_8_p2.cifar10', pretrained=True)
-    assert asked == ['my-lab/isomix_iso_64_8_p2.cifar10']
+    # the weight files timm looks for, safetensors first, all in the org set after import
+    assert asked == [('my-lab/isomix_iso_64_8_p2.cifar10', name)
+                     for name in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')]
 
 
 def test_a_model_without_any_weights_says_so_and_lists_the_ways_to_load():
@@ -90,21 +91,36 @@ def test_safetensors_file_loads_identical_weights_and_a_new_classifier_size_stil
     assert _same_weights(model, {k: v for k, v in ckpt['state_dict'].items() if not k.startswith('head.')})
 
 
-def test_pickled_weights_are_refused_by_default_and_load_when_allowed(ckpt, tmp_path, monkeypatch):
+class _RunsCodeWhenUnpickled:
+    """An object only a full unpickle rebuilds (its class is looked up and called): what weights_only refuses."""
+
+
+def test_pickled_state_dicts_load_as_timm_loads_them_with_weights_only(ckpt, tmp_path):
+    for name, content in (('weights.pth', ckpt['state_dict']), ('ckpt.pth.tar', {'state_dict': ckpt['state_dict']})):
+        torch.save(content, tmp_path / name)
+        assert _same_weights(_load(tmp_path / name), ckpt['state_dict'])
+
+
+def test_a_pickle_that_needs_a_full_unpickle_is_refused_naming_the_file(ckpt, tmp_path):
     path = tmp_path / 'weights.pth'
-    torch.save(ckpt['state_dict'], path)
-    with pytest.raises(hub.PickledWeightsError, match=f'{path}: pickled weights are refused.*allow_pickled_weights'):
+    torch.save({'state_dict': ckpt['state_dict'], 'extra': _RunsCodeWhenUnpickled()}, path)
+    with pytest.raises(hub.PickledWeightsError, match=f'{path}: .*only a full unpickle.*refused'):
         _load(path)
-    with hub.allow_pickled_weights():
-        assert _same_weights(_load(path), ckpt['state_dict'])
-    monkeypatch.setenv(hub.ALLOW_PICKLE_ENV, '1')
-    assert _same_weights(_load(path), ckpt['state_dict'])
 
 
-def test_a_folder_with_only_pickled_weights_is_refused(ckpt, tmp_path):
-    torch.save(ckpt['state_dict'], tmp_path / 'pytorch_model.bin')
-    with pytest.raises(hub.PickledWeightsError, match='pytorch_model.bin'):
-        _load(tmp_path)
+def test_save_for_hf_with_timms_defaults_round_trips_through_local_dir(tmp_path):
+    """timm's save_for_hf writes pytorch_model.bin by default; timm's local-dir: loader reads it back."""
+    for name in ('isomix_iso_64_8_p2', 'isomix_resnet18'):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=7, zero_init_last=False).eval()
+        folder = tmp_path / name
+        timm.models.save_for_hf(model, str(folder))
+        assert (folder / 'pytorch_model.bin').is_file() and not (folder / 'model.safetensors').exists()
+        loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        assert loaded.schedule_args() == model.schedule_args()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
 
 
 def test_a_truncated_weight_file_is_named_with_the_problem(weights, tmp_path):
@@ -153,14 +169,15 @@ LOADER = textwrap.dedent('''
     from timm_isomix import hub
     out, report = {}, {}
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    for key, name in (('hf_hub', 'hf-hub:acme/isomix_iso_64_8_p2.cifar10'), ('tag', 'isomix_iso_64_8_p2.cifar10')):
+    for key, name in (('hf_hub', 'hf-hub:acme/isomix_iso_64_8_p2.cifar10'), ('tag', 'isomix_iso_64_8_p2.cifar10'),
+                      ('pickled', 'hf-hub:acme/pickled')):
         model = timm.create_model(name, pretrained=True).eval()
         report[key] = dict(schedule=model.schedule_args(), mean=list(model.pretrained_cfg['mean']),
                            file=model.pretrained_cfg['file'])
         out.update({f'{key}/{k}': v.contiguous() for k, v in model.state_dict().items()})
         with torch.no_grad():
             out[f'{key}/output'] = model(x)
-    for key, name in (('unpublished', 'isomix_iso_128_16_p2.cifar10'), ('pickled', 'hf-hub:acme/pickled')):
+    for key, name in (('unpublished', 'isomix_iso_128_16_p2.cifar10'), ('unsafe', 'hf-hub:acme/unsafe')):
         try:
             timm.create_model(name, pretrained=True)
             report[key] = 'loaded'
@@ -210,7 +227,12 @@ def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(ola
     pickled.mkdir()
     torch.save(ckpt['state_dict'], pickled / 'pytorch_model.bin')
     shutil.copyfile(repo / 'config.json', pickled / 'config.json')
-    olah.commit_folder('acme/pickled', pickled)
+    olah.commit_folder('acme/pickled', pickled)  # timm's save_for_hf default: pytorch_model.bin
+    unsafe = tmp_path / 'unsafe'
+    unsafe.mkdir()
+    torch.save({'state_dict': ckpt['state_dict'], 'extra': _RunsCodeWhenUnpickled()}, unsafe / 'pytorch_model.bin')
+    shutil.copyfile(repo / 'config.json', unsafe / 'config.json')
+    olah.commit_folder('acme/unsafe', unsafe)
 
     out = tmp_path / 'loaded.safetensors'
     res = subprocess.run([sys.executable, '-c', LOADER, str(out)], env=_env(tmp_path, olah.endpoint, TIMM_ISOMIX_HUB_ORG='acme'),
@@ -222,7 +244,7 @@ def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(ola
     reference = publish.rebuild_model(ckpt)
     with torch.no_grad():
         expected = reference(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-    for key in ('hf_hub', 'tag'):
+    for key in ('hf_hub', 'tag', 'pickled'):
         assert report[key]['schedule'] == {'depth': 12}
         assert report[key]['mean'] == ckpt['data_config']['mean']
         assert report[key]['file'].startswith(str(tmp_path / 'hf-cache'))  # downloaded, into the fresh cache
@@ -231,4 +253,5 @@ def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(ola
     assert report['unpublished'].startswith('WeightsNotPublishedError: the weights of acme/isomix_iso_128_16_p2.cifar10 '
                                             'are not published')
     assert 'python -m timm_isomix.hub.publish CHECKPOINT --repo-id acme/isomix_iso_128_16_p2.cifar10' in report['unpublished']
-    assert report['pickled'].startswith('PickledWeightsError: acme/pickled/pytorch_model.bin: pickled weights are refused')
+    assert report['unsafe'].startswith('PickledWeightsError: ') and 'pytorch_model.bin' in report['unsafe']
+    assert 'only a full unpickle' in report['unsafe'] and '(from acme/unsafe)' in report['unsafe']

@@ -16,7 +16,9 @@ from ..bank import Mixture
 
 __all__ = ['IsoMixModel', 'Order', 'normalize_order', 'base_cfg', 'PAPER_ID']
 
-PAPER_ID = 'arXiv:2106.02626'
+# Zhmoginov, Bashkirova, Sandler, "Compositional Models: Multi-Task Learning and Knowledge Transfer with
+# Modular Networks", 2021 (ICLR 2021 submission, OpenReview paUVOwaXTAR)
+PAPER_ID = 'arXiv:2107.10963'
 
 Order = Optional[Union[Sequence[Optional[Sequence[int]]], Dict[int, Sequence[int]]]]
 
@@ -72,6 +74,15 @@ class IsoMixModel(nn.Module):
     def mixtures(self) -> Dict[str, Mixture]:
         """The mixture of every bank, by name."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def _reset_norms_classifier_and_mixtures(self) -> None:
+        """Every BatchNorm (scale 1, shift 0, statistics reset), the classifier (torch's Linear init) and every
+        mixture (its initial logits). With the family's conv and template init, `init_weights()` then sets every
+        parameter and buffer, so a model built on the meta device, moved with `to_empty()`, becomes a whole model."""
+        for m in self.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.Linear, Mixture)):
+                m.reset_parameters()
 
     @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:

@@ -7,9 +7,10 @@ Three things live here, used by the model factories (`models/*.py`) when `pretra
   `$TIMM_ISOMIX_HUB_ORG` (default `timm-isomix`) when the weights are loaded. When the repository or its
   weight file does not exist, loading raises `WeightsNotPublishedError`, naming the publish command.
   When it exists, its `config.json` supplies the schedule (`model_args`) and the data config.
-* **Safety.** Weights are read from safetensors files. Pickled files (`.bin`, `.pth`, ...) are refused
-  unless allowed, per call with `with allow_pickled_weights(): ...` or for the process with
-  `TIMM_ISOMIX_ALLOW_PICKLE=1` (even then they are read with `torch.load(weights_only=True)`).
+* **Safety.** Weights are read as timm reads them: safetensors files, and pickled files (`.bin`, `.pth`,
+  ..., e.g. the `pytorch_model.bin` timm's `save_for_hf` writes by default) with
+  `torch.load(weights_only=True)`, whose unpickler rebuilds only tensors and plain containers. A pickle
+  that needs a full unpickle (any other object, which could run code) is refused: `PickledWeightsError`.
 * **Clear errors.** A truncated or corrupted weight file, or weights that do not fit the model
   (another architecture, another schedule), raise `PretrainedWeightsError` naming the file and the problem.
 
@@ -17,26 +18,23 @@ The sources are timm's: `hf-hub:ORG/NAME` and `local-dir:PATH` model names, a ta
 and `pretrained_cfg_overlay=dict(file=...)`. The weights are checked here, then timm loads them as usual
 (`load_pretrained` adapts the classifier and input channels).
 """
-import contextlib
 import json
 import os
-from contextvars import ContextVar
+import pickle
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 __all__ = [
-    'ORG_ENV', 'DEFAULT_ORG', 'ALLOW_PICKLE_ENV', 'PretrainedWeightsError', 'WeightsNotPublishedError',
-    'PickledWeightsError', 'hub_org', 'published_repo_id', 'published_cfg', 'publish_command',
-    'allow_pickled_weights', 'pickled_weights_allowed', 'check_weights_file', 'check_state_dict',
+    'ORG_ENV', 'DEFAULT_ORG', 'PretrainedWeightsError', 'WeightsNotPublishedError', 'PickledWeightsError',
+    'hub_org', 'published_repo_id', 'published_cfg', 'publish_command', 'check_weights_file', 'check_state_dict',
     'pretrained_kwargs',
 ]
 
 ORG_ENV = 'TIMM_ISOMIX_HUB_ORG'
 DEFAULT_ORG = 'timm-isomix'
-ALLOW_PICKLE_ENV = 'TIMM_ISOMIX_ALLOW_PICKLE'
 SAFE_WEIGHTS_NAME = 'model.safetensors'
 # pickled names timm looks for in a Hub repository or folder, in its order of preference
 PICKLED_WEIGHTS_NAMES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
@@ -44,7 +42,6 @@ PICKLED_SUFFIXES = ('.bin', '.pth', '.pt', '.pth.tar', '.ckpt', '.pkl')
 
 # (model name, tag) -> hf_hub_id as written into the registry at import time
 _PUBLISHED: Dict[Tuple[str, str], str] = {}
-_allow_pickle: ContextVar[bool] = ContextVar('timm_isomix_allow_pickle', default=False)
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -56,7 +53,7 @@ class WeightsNotPublishedError(PretrainedWeightsError):
 
 
 class PickledWeightsError(PretrainedWeightsError):
-    """Pickled weights were found but pickles are not allowed."""
+    """A pickled weight file that only a full unpickle could read (objects other than tensors and containers)."""
 
 
 # --- published tags -----------------------------------------------------------------------------
@@ -87,37 +84,15 @@ def published_cfg(model_name: str, tag: str, cfg: Dict[str, Any]) -> Dict[str, A
         f'the org is ${ORG_ENV} (default {DEFAULT_ORG})',))
 
 
-# --- pickles --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def allow_pickled_weights(allow: bool = True) -> Iterator[None]:
-    """Within this block, pretrained weights may come from pickled files (loaded with weights_only=True)."""
-    token = _allow_pickle.set(allow)
-    try:
-        yield
-    finally:
-        _allow_pickle.reset(token)
-
-
-def pickled_weights_allowed() -> bool:
-    """True inside `allow_pickled_weights()` or when `$TIMM_ISOMIX_ALLOW_PICKLE` is 1/true/yes."""
-    return _allow_pickle.get() or os.environ.get(ALLOW_PICKLE_ENV, '').lower() in ('1', 'true', 'yes')
-
-
-def _refuse_pickle(path: str) -> None:
-    if not pickled_weights_allowed():
-        raise PickledWeightsError(
-            f'{path}: pickled weights are refused (unpickling can run code). Use the safetensors file, '
-            f'or, if you trust it, allow pickles with `with timm_isomix.hub.allow_pickled_weights(): '
-            f'timm.create_model(...)` or {ALLOW_PICKLE_ENV}=1.')
-
-
 # --- files ------------------------------------------------------------------------------------------
-def check_weights_file(path: str) -> None:
-    """Raise PretrainedWeightsError naming `path` when it is missing, unsafe, truncated or corrupted.
+def check_weights_file(path: str) -> List[str]:
+    """The keys of the weights in `path`; PretrainedWeightsError naming `path` when it is missing, unsafe,
+    truncated or corrupted.
 
     A safetensors file is opened and its header checked against the file size (this catches truncation
     and damaged headers; damaged tensor bytes inside an intact file cannot be detected without a hash).
-    A pickled file is refused unless pickles are allowed, else read once with weights_only=True.
+    A pickled file is read as timm reads it, with `torch.load(weights_only=True)`; one that needs a full
+    unpickle raises PickledWeightsError. The keys of a checkpoint dict are those of its state dict.
     """
     p = Path(path)
     if not p.is_file():
@@ -125,17 +100,28 @@ def check_weights_file(path: str) -> None:
     if p.name.endswith('.safetensors'):
         try:
             with safe_open(str(p), framework='pt') as f:
-                if not list(f.keys()):
-                    raise PretrainedWeightsError(f'{path}: the safetensors file holds no tensors')
+                keys = list(f.keys())
         except SafetensorError as e:
             raise PretrainedWeightsError(
                 f'{path}: not a valid safetensors file, truncated or corrupted ({e})') from e
-        return
-    _refuse_pickle(str(p))
+        if not keys:
+            raise PretrainedWeightsError(f'{path}: the safetensors file holds no tensors')
+        return keys
     try:
-        torch.load(str(p), map_location='cpu', weights_only=True)
+        state = torch.load(str(p), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met an object it does not rebuild
+        raise PickledWeightsError(
+            f'{path}: this pickle holds objects other than tensors and plain containers, and only a full unpickle '
+            f'(which can run code) would read it: refused. Save the state dict alone (torch.save(model.state_dict()'
+            f', ...)) or as safetensors. ({str(e).splitlines()[0]})') from e
     except Exception as e:  # torch raises several types for a damaged zip or pickle stream
         raise PretrainedWeightsError(f'{path}: cannot read the pickled weights, truncated or corrupted ({e})') from e
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f'{path}: holds a {type(state).__name__}, not a state dict')
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):  # the keys timm's loader looks in
+        if isinstance(state.get(key), dict):
+            return list(state[key])
+    return list(state)
 
 
 def _weights_in_folder(folder: Path) -> str:
@@ -150,7 +136,7 @@ def _weights_in_folder(folder: Path) -> str:
     pickled = [folder / n for n in PICKLED_WEIGHTS_NAMES if (folder / n).is_file()]
     pickled += sorted(p for p in folder.iterdir() if p.name.endswith(PICKLED_SUFFIXES) and p not in pickled)
     if pickled:
-        return str(pickled[0])  # check_weights_file refuses it unless pickles are allowed
+        return str(pickled[0])
     raise PretrainedWeightsError(f'{folder}: no weight file ({SAFE_WEIGHTS_NAME} or a pickled one) in this folder')
 
 
@@ -180,16 +166,9 @@ def _not_published(repo_id: str, what: str) -> WeightsNotPublishedError:
 
 
 def _hub_weights(repo_id: str, filename: Optional[str], cache_dir: Optional[str]) -> str:
-    """Local path of the weight file of a Hub repository: safetensors, else a pickled one if allowed."""
-    from huggingface_hub import file_exists
+    """Local path of the weight file of a Hub repository: safetensors first, else a pickled one (timm's order)."""
     names = [filename] if filename else [SAFE_WEIGHTS_NAME, *PICKLED_WEIGHTS_NAMES]
-    name, _, revision = repo_id.partition('@')
     for filename in names:
-        if filename.endswith(PICKLED_SUFFIXES) and not pickled_weights_allowed():
-            # a pickle is not downloaded unless allowed; when it exists, the refusal names it
-            if file_exists(name, filename, revision=revision or None):
-                _refuse_pickle(f'{repo_id}/{filename}')
-            continue
         path = _hub_download(repo_id, filename, cache_dir)
         if path is not None:
             return path
@@ -292,12 +271,14 @@ def pretrained_kwargs(
         pretrained: bool,
         kwargs: Dict[str, Any],
         filter_fn: Optional[Callable] = None,
+        kwargs_fn: Optional[Callable[[Sequence[str], Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
     """Kwargs for timm's `build_model_with_cfg`, with the pretrained weights located and checked.
 
     When `pretrained`, the weights timm would load (hf-hub / local-dir / file / tag) are found and checked
-    (safetensors, or a pickle only if allowed; not truncated), and timm is pointed at that local file. A
-    published tag also takes its schedule from its config.json. The fit of the weights to the built model
+    (readable as timm reads them, not truncated), and timm is pointed at that local file. A published tag
+    also takes its schedule from its config.json. `kwargs_fn(weight keys, model kwargs)` may then adapt the
+    model kwargs to the weights found (a warm start's schedule). The fit of the weights to the built model
     is checked by the returned `pretrained_filter_fn` (after `filter_fn`). Raises PretrainedWeightsError.
     """
     kwargs = dict(kwargs)
@@ -348,9 +329,14 @@ def pretrained_kwargs(
 
     if path is not None:
         try:
-            check_weights_file(path)
+            keys = check_weights_file(path)
         except PretrainedWeightsError as e:
             raise type(e)(f'{e}{origin}') from e.__cause__
+    else:
+        keys = list(cfg['state_dict'])
+    if kwargs_fn is not None:
+        kwargs_fn(keys, kwargs)
+    if path is not None:
         # timm loads the checked local file (its 'file' source); hf_hub_id stays in the cfg as provenance
         cfg.update(file=str(path), source='file', url=None, state_dict=None)
     source_name = f'{path}{origin}' if path is not None else 'the in-memory state_dict'

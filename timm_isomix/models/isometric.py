@@ -1,6 +1,6 @@
 """Isometric isomix nets: the trunk of "Compositional Models" (Zhmoginov, Bashkirova, Sandler, 2021).
 
-Paper: https://arxiv.org/abs/2106.02626
+Paper: https://arxiv.org/abs/2107.10963
 
 A patchifying stem (conv with kernel = stride = patch size, BN, act) brings the image to a
 constant width and resolution; then one bank of K residual templates (timm's BasicBlock shape)
@@ -118,6 +118,9 @@ class IsoMixNet(IsoMixModel):
 
     @torch.no_grad()
     def init_weights(self, zero_init_last: bool = True) -> None:
+        """Every parameter and buffer: norms, classifier and mixture logits reset, the stem conv He-normal (fan-out),
+        every template as timm initialises a BasicBlock (its last BN scale 0 with `zero_init_last`)."""
+        self._reset_norms_classifier_and_mixtures()
         nn.init.kaiming_normal_(self.stem.conv.weight, mode='fan_out', nonlinearity='relu')
         if self.bank.weight.device.type != 'meta':
             for k in range(self.bank.num_templates):

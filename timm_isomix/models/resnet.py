@@ -1,14 +1,18 @@
 """Staged isomix ResNets: timm's ResNets whose same-shaped blocks share a template bank.
 
 Paper: `Compositional Models: Multi-Task Learning and Knowledge Transfer with Modular Networks`
-    - https://arxiv.org/abs/2106.02626 (Zhmoginov, Bashkirova, Sandler, 2021)
+    - https://arxiv.org/abs/2107.10963 (Zhmoginov, Bashkirova, Sandler, 2021)
 
 Each stage keeps its first block (stride and projection) as timm builds it. The stage's other
 blocks, all of one shape, become its bank: K templates, K = that ResNet's blocks per stage minus
 one, so the parameter count is the ResNet's plus the mixture logits. The stage executes
 `reuse * K` layers, each a mixture of the templates (initially the cyclic order), so
 `reuse=1` has the ResNet's depth and `reuse=2` twice its banked depth at the same parameters.
-The pretrained tags load timm's ResNet weights through `resnet_to_isomix` (below).
+The pretrained tags load timm's ResNet weights through `resnet_to_isomix` (warm_start.py). Given ResNet weights
+and no `reuse` or `order`, the model is built as the ResNet itself: one executed layer per template in
+the hard identity order, so `create_model('isomix_resnet50', pretrained=True)` computes exactly what
+timm's `resnet50.a1_in1k` computes. A deeper schedule over ResNet weights (`reuse=2`) is a starting
+point for fine-tuning, and says so in a warning.
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
@@ -21,12 +25,14 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices  # timm.models exports no public name for it
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
-from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, order_logits
+from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank
 from ..blocks import BasicLayer, BottleneckLayer
 from ._base import IsoMixModel, Order, base_cfg, normalize_order
 from ._hub import pretrained_kwargs
+from .warm_start import checkpoint_filter_fn, is_resnet_state_dict, resnet_to_isomix, warm_start_schedule
 
 __all__ = ['IsoMixResNet', 'BankStage', 'is_resnet_state_dict', 'resnet_to_isomix', 'checkpoint_filter_fn']
+
 
 def _per_stage_reuse(reuse: Union[int, Sequence[int]], num_stages: int) -> List[int]:
     reuses = [int(r) for r in reuse] if isinstance(reuse, (list, tuple)) else [int(reuse)] * num_stages
@@ -165,7 +171,10 @@ class IsoMixResNet(IsoMixModel):
 
     @torch.no_grad()
     def init_weights(self, zero_init_last: bool = True) -> None:
-        """timm's ResNet init for the first blocks, the stem, and every template of every bank."""
+        """Every parameter and buffer: norms, classifier and mixture logits reset, then timm's ResNet init
+        (He-normal fan-out convs, last BN scale 0 with `zero_init_last`) for the stem, the first blocks
+        and every template of every bank."""
+        self._reset_norms_classifier_and_mixtures()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -283,99 +292,11 @@ class IsoMixResNet(IsoMixModel):
         return self.stages(x)
 
 
-# --- warm start: a timm ResNet state dict -> the isomix ResNet of the same shape -----------------------
-# Stage i's block 0 becomes the stage's own first block; block j >= 1 becomes template j - 1 of the
-# stage's bank. Each executed layer takes the BN statistics of the block whose template it is scheduled
-# to run (its argmax), so with `reuse=1` and the cyclic order the isomix model computes exactly what
-# the ResNet computes, and with `reuse=2` each template's statistics serve both its runs.
-_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
-# The logit a warm start gives each soft layer's scheduled template: alpha is one-hot to ~1e-7 per other
-# template, so the isomix model computes what the ResNet computes (to float32 precision).
-WARM_START_LOGIT = 16.0
-
-
-def is_resnet_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
-    """True for timm/torchvision ResNet keys (`layer1.0.conv1.weight`), False for isomix keys."""
-    return any(k.startswith('layer1.') for k in state_dict) and not any(k.startswith('stages.') for k in state_dict)
-
-
-def _key_report(missing: List[str], unexpected: List[str]) -> str:
-    def show(keys):
-        return ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else '')
-    return f'missing keys: [{show(missing)}]; unexpected keys: [{show(unexpected)}]'
-
-
-@torch.no_grad()
-def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -> Dict[str, torch.Tensor]:
-    """Map a timm ResNet state dict onto `model`'s keys.
-
-    Each soft mixture keeps its scheduled order (the argmax of the model's logits, the cyclic order
-    for a fresh model) and gets sharp logits (WARM_START_LOGIT) on it; hard orders need none.
-
-    Raises ValueError naming the missing and unexpected keys (or mismatched shapes) when the
-    state dict is not of the ResNet this model was built from.
-    """
-    target = model.state_dict()
-    out = {}
-    for name, mixture in model.mixtures().items():
-        if not mixture.is_hard:
-            out[f'{name}.schedule.mixture.logits'] = order_logits(
-                mixture.argmax_order(), mixture.num_templates, WARM_START_LOGIT).to(mixture.logits)
-    expected = set()
-    for i, stage in enumerate(model.stages):
-        expected |= {f'layer{i + 1}.0.{k}' for k in stage.first.state_dict()}
-        expected |= {f'layer{i + 1}.{k + 1}.{name}' for k in range(stage.bank.num_templates) for name in stage.bank.layout}
-        norms = {name.split('.')[0] for name in stage.bank.layout if name.startswith('bn')}
-        expected |= {f'layer{i + 1}.{k + 1}.{bn}.{s}' for k in range(stage.bank.num_templates)
-                     for bn in norms for s in _STATS}
-    # stem and head pass through as given: timm's loader adapts or drops the classifier afterwards
-    classifier = model.get_classifier(name_only=True)
-    expected |= {k for k in target if not k.startswith(('stages.', classifier + '.'))}
-    given = {k for k in state_dict if k.startswith('layer') or not k.startswith(classifier + '.')}
-    missing = sorted(k for k in expected - given if not k.endswith('num_batches_tracked'))
-    unexpected = sorted(k for k in given - expected if not k.endswith('num_batches_tracked'))
-    if missing or unexpected:
-        raise ValueError(f'state dict is not a timm ResNet matching {type(model).__name__} '
-                         f'with {len(model.stages)} stages of {[1 + s.bank.num_templates for s in model.stages]} blocks: '
-                         + _key_report(missing, unexpected))
-
-    out.update({k: v for k, v in state_dict.items() if not k.startswith('layer')})
-    for i, stage in enumerate(model.stages):
-        src, dst = f'layer{i + 1}', f'stages.{i}'
-        for k in stage.first.state_dict():
-            out[f'{dst}.first.{k}'] = state_dict[f'{src}.0.{k}']
-        rows = {'weight': [], 'affine': []}
-        for t in range(stage.bank.num_templates):
-            parts = {'weight': [], 'affine': []}
-            for name, (group, _, shape) in stage.bank.layout.items():
-                value = state_dict[f'{src}.{t + 1}.{name}']
-                if tuple(value.shape) != shape:
-                    raise ValueError(f'{src}.{t + 1}.{name} has shape {tuple(value.shape)}, '
-                                     f'but the bank of {dst} expects {shape}')
-                parts[group].append(value.reshape(-1))
-            for group in rows:
-                rows[group].append(torch.cat(parts[group]))
-        out[f'{dst}.bank.weight'] = torch.stack(rows['weight'])
-        out[f'{dst}.bank.affine'] = torch.stack(rows['affine'])
-        templates = stage.schedule.mixture.argmax_order()
-        for l, layer in enumerate(stage.schedule.layers):
-            for k in layer.state_dict():  # bn1.running_mean, ...
-                out[f'{dst}.schedule.layers.{l}.{k}'] = state_dict.get(
-                    f'{src}.{templates[l] + 1}.{k}', target[f'{dst}.schedule.layers.{l}.{k}'])
-    return out
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: IsoMixResNet) -> Dict[str, torch.Tensor]:
-    """Pretrained weights: timm ResNet state dicts are converted, isomix ones pass through."""
-    state_dict = state_dict.get('state_dict', state_dict)
-    return resnet_to_isomix(state_dict, model) if is_resnet_state_dict(state_dict) else state_dict
-
-
 def _create_isomix_resnet(variant: str, pretrained: bool = False, **kwargs) -> IsoMixResNet:
-    return build_model_with_cfg(  # pretrained_kwargs: weights found and checked (safetensors) before timm loads them
+    return build_model_with_cfg(  # pretrained_kwargs: weights found and checked before timm loads them
         IsoMixResNet, variant, pretrained,
         feature_cfg=dict(feature_cls='getter'),  # layers reuse modules: features come from forward_intermediates
-        **pretrained_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn),
+        **pretrained_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn, kwargs_fn=warm_start_schedule),
     )
 
 
