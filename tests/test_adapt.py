@@ -1,11 +1,15 @@
 """Transfer and domain adaptation: only the new task's mixture (and head) learn; the bank stays bit-for-bit."""
+import math
+
 import pytest
 import timm
 import torch
 from torch.utils.data import TensorDataset
 
 import timm_isomix  # noqa: F401  (registers the models)
-from timm_isomix.tasks.adaptation import adapt_target, adaptation_loss
+from timm_isomix.tasks.adaptation import (
+    adapt_target, adaptation_loss, label_free_score, loss_decreased, moment_distance, select_candidate,
+    sliced_wasserstein)
 from timm_isomix.tasks.transfer import freeze_for_transfer, reestimate_stats, transfer
 from timm_isomix.models.multitask import MultiTaskIsoMix, count_params
 
@@ -109,18 +113,38 @@ def test_unknown_transfer_mode_is_rejected():
         freeze_for_transfer(model, 'src', 'all')
 
 
-def test_adaptation_changes_only_the_target_mixture_logits():
+def adaptation_setup():
     model = trained_like_model()
     model.add_task('tgt', 3, init_from='src', share_head_with='src')
     target = TensorDataset(toy_data(seed=2).tensors[0] * 2 + 0.5)  # unlabelled, shifted domain
+    return model, target, {'src': TensorDataset(toy_data().tensors[0])}
+
+
+@pytest.mark.parametrize('align', ['mm', 'mm_balanced', 'adversarial', 'swd', 'none'])
+def test_adaptation_changes_only_the_target_mixture_logits(align):
+    model, target, sources = adaptation_setup()
     before = snapshot(model)
-    hist = adapt_target(model, 'tgt', target, {'src': TensorDataset(toy_data().tensors[0])}, steps=5, lr=0.1,
-                        batch_size=16)
+    hist = adapt_target(model, 'tgt', target, sources, steps=5, lr=0.1, batch_size=16, align=align)
     assert changed(before, model) == ['tasks.tgt.schedules.0.mixture.logits']
     # Statistics that moved are the target's own; the source's are untouched.
     moved = changed(before, model, params_only=False)
     assert all(k.startswith('tasks.tgt.') for k in moved) and len(moved) > 1
-    assert set(hist[-1]) >= {'loss', 'entropy', 'diversity', 'moments'}
+    assert [h['step'] for h in hist] == [1, 2, 3, 4, 5]  # one record per step: the loss curve
+    assert set(hist[-1]) >= {'loss', 'im', 'entropy', 'diversity', 'align'}
+    assert ('discriminator' in hist[-1]) == (align == 'adversarial')
+
+
+def test_adaptation_without_adabn_keeps_the_statistics_the_target_was_given():
+    model, target, sources = adaptation_setup()
+    before = snapshot(model)
+    adapt_target(model, 'tgt', target, sources, steps=3, lr=0.1, batch_size=16, stats='source')
+    assert changed(before, model, params_only=False) == ['tasks.tgt.schedules.0.mixture.logits']
+
+
+def test_the_adaptation_objective_decreases_on_a_shifted_domain():
+    model, target, sources = adaptation_setup()
+    hist = adapt_target(model, 'tgt', target, sources, steps=40, lr=0.2, batch_size=48, align='mm_balanced')
+    assert loss_decreased(hist)
 
 
 def test_adapting_with_no_target_data_is_a_clear_error():
@@ -141,12 +165,62 @@ def test_reestimated_statistics_are_the_average_over_the_target_data():
     assert torch.allclose(model.tasks['src'].stem_stats.running_mean, feats.mean((0, 2, 3)), atol=1e-5)
 
 
-def test_adaptation_objective_prefers_confident_diverse_predictions_and_matched_moments():
+def test_information_maximisation_prefers_confident_and_diverse_predictions():
     f = torch.randn(8, 4)
     confident = torch.eye(4).repeat(2, 1)
     uniform = torch.full((8, 4), 0.25)
     collapsed = torch.eye(4)[[0] * 8]
-    assert adaptation_loss(confident, f, [])['loss'] < adaptation_loss(uniform, f, [])['loss']
-    assert adaptation_loss(confident, f, [])['loss'] < adaptation_loss(collapsed, f, [])['loss']
-    assert adaptation_loss(confident, f, [f])['moments'] == 0
-    assert adaptation_loss(confident, f, [f + 1])['moments'] > 0
+    loss = {name: adaptation_loss(p, f, [], align='none')['loss'] for name, p in
+            (('confident', confident), ('uniform', uniform), ('collapsed', collapsed))}
+    assert loss['confident'] < loss['uniform'] and loss['confident'] < loss['collapsed']
+    assert torch.isclose(loss['confident'], -torch.log(torch.tensor(4.)))  # entropy 0, diversity log 4
+
+
+def test_moment_distance_sees_shifted_means_and_spreads_and_ignores_the_order_of_samples():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(256, 4, generator=g)
+    same = f[torch.randperm(256, generator=g)]
+    assert moment_distance(f, [same]) < 1e-9  # the same samples in another order
+    assert moment_distance(f, [f + 1]) > 1 and moment_distance(f, [f * 3]) > 1  # mean; second moment
+    other = torch.randn(256, 4, generator=g)  # another draw of the same distribution: small, not zero
+    assert 0 < moment_distance(f, [other]) < 0.1 * moment_distance(f, [f + 1])
+    # the authors' form: 1/2 ||mean difference||^2 + 1/2 ||second moment difference||^2
+    expected = 0.5 * 4 * 1 ** 2 + 0.5 * ((2 * f.mean(0) + 1) ** 2).sum()
+    assert torch.isclose(moment_distance(f, [f + 1]), expected)
+
+
+def test_balanced_moment_distance_does_not_change_with_the_scale_of_the_features():
+    g = torch.Generator().manual_seed(0)
+    f, s = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g) + 0.5
+    assert torch.isclose(moment_distance(f, [s], balanced=True), moment_distance(100 * f, [100 * s], balanced=True),
+                         rtol=1e-3)
+    assert not torch.isclose(moment_distance(f, [s]), moment_distance(100 * f, [100 * s]))
+
+
+def test_sliced_wasserstein_is_zero_for_the_same_samples_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(128, 4, generator=g)
+    assert sliced_wasserstein(f, [f.flip(0)], generator=g) < 1e-9
+    near, far = (sliced_wasserstein(f, [f + d], generator=torch.Generator().manual_seed(1)) for d in (0.5, 2.))
+    assert 0 < near < far
+
+
+def test_adversarial_alignment_needs_a_discriminator():
+    with pytest.raises(ValueError, match='needs a DomainDiscriminator'):
+        adaptation_loss(torch.full((2, 3), 1 / 3), torch.randn(2, 4), [torch.randn(2, 4)], align='adversarial')
+    with pytest.raises(ValueError, match="unknown alignment 'mmd'"):
+        adaptation_loss(torch.full((2, 3), 1 / 3), torch.randn(2, 4), [], align='mmd')
+
+
+def test_selection_takes_the_lowest_label_free_score_among_runs_whose_objective_decreased():
+    down, up = [{'loss': 3.}, {'loss': 2.}, {'loss': 1.}], [{'loss': 1.}, {'loss': 2.}, {'loss': 3.}]
+    assert loss_decreased(down) and not loss_decreased(up)
+    cands = [{'score': -1.0, 'decreased': False}, {'score': -0.5, 'decreased': True}, {'score': -0.2, 'decreased': True}]
+    assert select_candidate(cands) == 1
+    assert select_candidate([{'score': 0.3, 'decreased': False}, {'score': 0.1, 'decreased': False}]) == 1
+
+
+def test_label_free_score_reads_images_only():
+    model, target, _ = adaptation_setup()
+    score = label_free_score(model, 'tgt', target)  # a dataset without labels
+    assert -math.log(3) - 1e-6 <= score <= math.log(3)
