@@ -12,10 +12,13 @@ The paper's recursion is the trunk itself: every executed layer is one more deci
 How a router learns (router='...'):
 - 'reinforce': REINFORCE, loss -(R - b) log pi(a), with a learned baseline b per task and layer;
 - 'wpl': the Weighted Policy Learner (Abdallah & Lesser 2006; the paper's Algorithm 3), one agent per task,
-  with a learned action value V(a) per task, layer and template. delta = R - V(a); the WPL step
-  d pi(a) = delta * pi(a) if delta < 0 else delta * (1 - pi(a)) is taken as the gradient of the
-  surrogate -stopgrad(step) * pi(a) with pi = softmax(logits), so the policy stays on the simplex without
-  a projection and trains with any optimizer;
+  with a learned value Q(a) per task, layer and template (regressed on the returns of the routes taken).
+  For every template a, delta(a) = Q(a) - sum_a' pi(a') Q(a') and WPL's weighted step is
+  w(a) = delta(a) * pi(a) if delta(a) < 0 else delta(a) * (1 - pi(a)): moves away from a bad template slow
+  down as its probability nears 0, moves towards a good one as it nears 1. The step is taken through the
+  log-policy, loss -sum_a stopgrad(w(a)) log pi(a) with pi = softmax(logits), so the policy stays on the
+  simplex without WPL's projection and trains with any optimizer (the reference code's master branch
+  also regresses log pi; its delta = R - V(a) vanishes once V(a) is learned for a deterministic reward);
 - 'gumbel': straight-through Gumbel-softmax: the sampled template's output is scaled by
   1 + y_a - stopgrad(y_a) (1 forward, the soft sample's gradient backward), no RL loss; the temperature
   goes from `tau` to `tau_end` geometrically over training (`set_progress`).
@@ -160,8 +163,7 @@ class Router(nn.Module):
             else:
                 index = torch.multinomial(logits.softmax(-1), 1).squeeze(1) if sample else logits.argmax(-1)
                 if learn:
-                    log_pi = logits.log_softmax(-1).gather(1, index[:, None]).squeeze(1)
-                    self._decisions.append({'layer': l, 'index': index, 'log_pi': log_pi})
+                    self._decisions.append({'layer': l, 'index': index, 'log_pi': logits.log_softmax(-1)})
             chosen.append(index)
             if len(chosen) == self.num_layers:
                 self.last_routes = torch.stack(chosen, 1).detach()
@@ -193,17 +195,19 @@ class Router(nn.Module):
         self._update_usage(task, idx)
         total = returns.new_zeros(())
         for d in self._decisions:
-            l, a, log_pi = d['layer'], d['index'], d['log_pi']
+            l, a, log_pi = d['layer'], d['index'], d['log_pi']  # log_pi: (B, K)
             ret = returns[l]
             if self.algorithm == 'reinforce':
                 b = self.baseline[task, l].float()
-                total = total - ((ret - b).detach() * log_pi).mean() + 0.5 * ((b - ret) ** 2).mean()
+                log_pi_a = log_pi.gather(1, a[:, None]).squeeze(1)
+                total = total - ((ret - b).detach() * log_pi_a).mean() + 0.5 * ((b - ret) ** 2).mean()
             else:  # wpl
-                v = self.value[task, l, a].float()
-                delta = (ret - v).detach()
-                pi = log_pi.exp()
-                step = torch.where(delta < 0, delta * pi, delta * (1. - pi)).detach()
-                total = total - (step * pi).mean() + 0.5 * ((v - ret) ** 2).mean()
+                q = self.value[task, l].float()  # (B, K)
+                pi = log_pi.detach().exp()
+                delta = (q - (pi * q).sum(-1, keepdim=True)).detach()
+                step = torch.where(delta < 0, delta * pi, delta * (1. - pi))
+                q_a = q.gather(1, a[:, None]).squeeze(1)
+                total = total - (step * log_pi).sum(-1).mean() + 0.5 * ((q_a - ret) ** 2).mean()
         self._decisions = []
         return total
 

@@ -6,7 +6,9 @@ that is not a flag, or a value of the wrong type, is an error rather than silent
 older timm versions wrote into `args.yaml` but that no longer change anything (`apex_amp`,
 `native_amp`, `bn_tf`, ...) are accepted when they hold their inert value.
 
-Flags added for isomix: `--mixture-lr-mult`, `--tasks`, `--overwrite`.
+Flags added for isomix: `--mixture-lr-mult`, `--tasks`, `--overwrite`, and the router group (Routing
+Networks: `--routing`, `--router`, `--router-lr`, `--router-*`), whose model settings become model kwargs
+(`routing`, `router`, `router_args`), so checkpoints rebuild the routed model.
 """
 import argparse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -14,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-__all__ = ['ConfigError', 'build_train_parser', 'parse_train_args', 'check_config', 'load_config']
+__all__ = ['ConfigError', 'build_train_parser', 'parse_train_args', 'check_config', 'load_config', 'fold_router_args']
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     _add_augmentation_and_regularization_args(p.add_argument_group('Augmentation and regularization'))
     _add_batch_norm_args(p.add_argument_group('Batch norm'))
     _add_model_ema_args(p.add_argument_group('Model EMA'))
+    _add_router_args(p.add_argument_group('Routing Networks (isomix)'))
     _add_miscellaneous_args(p.add_argument_group('Miscellaneous'))
     return p
 
@@ -192,6 +195,41 @@ def _add_model_ema_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--model-ema-warmup', action='store_true', default=False)
 
 
+def _add_router_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument('--routing', default=None, choices=['task', 'input'],
+                   help='a router picks one template per layer: per task, or per example (default: mixtures)')
+    g.add_argument('--router', default=None, choices=['reinforce', 'wpl', 'gumbel'],
+                   help='how the router learns (default with --routing: reinforce)')
+    g.add_argument('--router-lr', type=float, default=None, help='router learning rate (default: --lr); no weight decay')
+    g.add_argument('--router-reward', default=None, choices=['loss', 'correct'],
+                   help='reward of an example: its negated loss, or +1/-1 for correct/wrong (default: loss)')
+    g.add_argument('--router-cost', type=float, nargs='+', default=None, metavar='COST',
+                   help='cost per route, one number or one per template (default 0)')
+    g.add_argument('--router-collab', type=float, default=None, help='collaboration reward weight (default 0)')
+    g.add_argument('--router-tau', type=float, default=None, help='Gumbel-softmax temperature at the start (default 1)')
+    g.add_argument('--router-tau-end', type=float, default=None, help='... at the end of training (default: --router-tau)')
+    g.add_argument('--router-hidden', type=int, default=None, help='hidden units of the per-input router (default 32)')
+    g.add_argument('--router-embed', type=int, default=None, help='task embedding size of the per-input router (default 8)')
+
+
+_ROUTER_ARGS = ('reward', 'cost', 'collab', 'tau', 'tau_end', 'hidden', 'embed')
+
+
+def fold_router_args(args: argparse.Namespace) -> None:
+    """Turn the router flags into model kwargs (`routing`, `router`, `router_args`); ConfigError without --routing."""
+    given = {k: getattr(args, f'router_{k}', None) for k in _ROUTER_ARGS}
+    given = {k: (v[0] if k == 'cost' and len(v) == 1 else v) for k, v in given.items() if v is not None}
+    if not args.routing:
+        if args.router or given:
+            raise ConfigError('--router and --router-* flags need --routing (task or input)')
+        return
+    kwargs = dict(args.model_kwargs or {})
+    kwargs.update(routing=args.routing, router=args.router or 'reinforce')
+    if given:
+        kwargs['router_args'] = {**dict(kwargs.get('router_args') or {}), **given}
+    args.model_kwargs = kwargs
+
+
 def _add_miscellaneous_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--seed', type=int, default=42, metavar='S')
     g.add_argument('--worker-seeding', type=str, default='all', choices=['all', 'part'])
@@ -294,6 +332,7 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Nam
         parser.set_defaults(**check_config(load_config(args_config), parser, source=args_config))
     args = parser.parse_args(remaining)
     args.config = args_config
+    fold_router_args(args)
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 

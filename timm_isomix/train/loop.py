@@ -7,18 +7,20 @@ import math
 import sys
 import time
 from collections import OrderedDict
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm.data import Mixup
 from timm.models import model_parameters
 from timm.utils import AverageMeter, ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, reduce_tensor
 
-from .distributed import is_primary
+from ..models.routing import Router
+from .distributed import is_primary, unwrap
 
-__all__ = ['train_one_epoch', 'evaluate', 'autocast']
+__all__ = ['train_one_epoch', 'evaluate', 'autocast', 'routing_loss']
 
 _logger = logging.getLogger('train')
 
@@ -48,10 +50,25 @@ def autocast(args: argparse.Namespace, device: torch.device):
 
 
 
+def routing_loss(routers: List[Router], output: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+    """The routers' loss for the last forward (Routing Networks): each example's reward comes from its own
+    cross-entropy and correctness (soft, mixup targets: their expected cross-entropy and argmax class)."""
+    if not routers:
+        return None
+    output = output.float()
+    if target.dim() == output.dim():  # soft targets
+        per_example = -(target * output.log_softmax(-1)).sum(-1)
+        correct = output.argmax(-1) == target.argmax(-1)
+    else:
+        per_example = F.cross_entropy(output, target, reduction='none')
+        correct = output.argmax(-1) == target
+    return sum(r.loss(per_example, correct) for r in routers)
+
+
 def _log_update(epoch, update_idx, num_updates_epoch, last_batch, loss, losses, batch_time, data_time, optimizer,
                 images, args, bar, logger) -> None:
     """The progress bar after every update; a timm-style log line every --log-interval updates."""
-    lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') != 'mixture'] or [0.]
+    lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') not in ('mixture', 'router')] or [0.]
     lr = sum(lrs) / len(lrs)  # the mixture group's own lr is lr * --mixture-lr-mult
     eta = batch_time.avg * (num_updates_epoch - update_idx - 1)
     bar.update(f'epoch {epoch} {update_idx + 1}/{num_updates_epoch} loss {losses.val:.3f} '
@@ -104,7 +121,10 @@ def train_one_epoch(
     bar = _ProgressBar(is_primary(args))
     start = end = time.time()
     optimizer.zero_grad()
+    routers = [m for m in unwrap(model).modules() if isinstance(m, Router)]
     for batch_idx, (input, target) in enumerate(loader):
+        for router in routers:  # the Gumbel temperature schedule follows the training progress
+            router.set_progress((epoch + batch_idx / num_batches) / max(args.epochs, 1))
         last_batch = batch_idx == last_idx
         need_update = last_batch or (batch_idx + 1) % accum == 0
         steps = last_accum if batch_idx >= last_accum_start else accum
@@ -120,7 +140,8 @@ def train_one_epoch(
             with autocast(args, device):
                 output = model(input)
                 loss = loss_fn(output, target)
-            scaled = loss / steps
+            extra = routing_loss(routers, output, target)
+            scaled = (loss if extra is None else loss + extra) / steps
             if loss_scaler is not None:
                 loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                             parameters=model_parameters(model, exclude_head='agc' in args.clip_mode),

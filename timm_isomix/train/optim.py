@@ -1,4 +1,5 @@
-"""Optimizer of an isomix model: timm's parameter groups, plus one group for the mixture logits."""
+"""Optimizer of an isomix model: timm's parameter groups, plus one group for the mixture logits and one
+for the routers (Routing Networks: policy tables or nets, baselines, values)."""
 import argparse
 import logging
 from typing import Any, Dict, List, Optional
@@ -8,11 +9,16 @@ import torch.nn as nn
 
 from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer_decay, param_groups_weight_decay
 
-__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'create_optimizer', 'resolve_lr']
+__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'is_router_param', 'create_optimizer', 'resolve_lr']
 
 _logger = logging.getLogger('train')
 
 MIXTURE_SUFFIX = 'mixture.logits'
+
+
+def is_router_param(name: str) -> bool:
+    """A router's parameter (models/routing.py: a module named `router`, or `routers`)."""
+    return any(part in ('router', 'routers') for part in name.split('.')[:-1])
 
 
 def mixture_param_groups(
@@ -21,12 +27,14 @@ def mixture_param_groups(
         lr: float,
         mixture_lr_mult: float = 1.0,
         layer_decay: Optional[float] = None,
+        router_lr: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """timm's parameter groups (weight decay / layer decay as timm builds them) with the mixture logits
     moved to a group of their own: `weight_decay=0`, `lr = lr * mixture_lr_mult`.
 
     The group carries an explicit 'lr', so timm's schedulers (which scale each group's initial lr)
-    keep the ratio throughout the schedule.
+    keep the ratio throughout the schedule. Router parameters form a group of their own too:
+    `weight_decay=0`, `lr = router_lr` (default `lr`).
     """
     no_wd = set(getattr(model, 'no_weight_decay', lambda: set())())
     if layer_decay is not None:
@@ -35,7 +43,8 @@ def mixture_param_groups(
     else:
         groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_wd)
     mixture = [p for n, p in model.named_parameters() if n.endswith(MIXTURE_SUFFIX) and p.requires_grad]
-    ids = {id(p) for p in mixture}
+    router = [p for n, p in model.named_parameters() if is_router_param(n) and p.requires_grad]
+    ids = {id(p) for p in mixture + router}
     out = []
     for g in groups:
         params = [p for p in g['params'] if id(p) not in ids]
@@ -43,6 +52,9 @@ def mixture_param_groups(
             out.append({**g, 'params': params})
     if mixture:
         out.append({'params': mixture, 'weight_decay': 0., 'lr': lr * mixture_lr_mult, 'group_name': 'mixture'})
+    if router:
+        out.append({'params': router, 'weight_decay': 0., 'lr': lr if router_lr is None else router_lr,
+                    'group_name': 'router'})
     return out
 
 
@@ -50,7 +62,8 @@ def create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.
     """timm.optim.create_optimizer_v2 with timm's optimizer flags and the mixture group."""
     kwargs = optimizer_kwargs(cfg=args)
     groups = mixture_param_groups(
-        model, kwargs.pop('weight_decay'), args.lr, args.mixture_lr_mult, kwargs.pop('layer_decay', None))
+        model, kwargs.pop('weight_decay'), args.lr, args.mixture_lr_mult, kwargs.pop('layer_decay', None),
+        router_lr=getattr(args, 'router_lr', None))
     kwargs.pop('layer_decay_min_scale', None)
     kwargs.pop('layer_decay_no_opt_scale', None)
     return create_optimizer_v2(groups, **kwargs)

@@ -1,0 +1,274 @@
+"""Routing Networks over the template banks (issue 14): routers, grouped execution, learning rules, training.
+
+Every model here is tiny (isomix_iso_64_8_p2 at width 16 or less, 8-16 px inputs), so the whole file runs in
+seconds except the train.py and torchrun runs.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import timm
+import timm_isomix  # noqa: F401
+from timm_isomix.bank import run_routed
+from timm_isomix.models.routing import InputRouter, TaskRouter
+from timm_isomix.train.optim import mixture_param_groups
+
+from helpers import ROOT, make_tiny_folder
+
+PY = sys.executable
+SMALL = dict(width=16, num_classes=5)
+
+
+def routed(routing='task', router='reinforce', **kw):
+    torch.manual_seed(0)
+    return timm.create_model('isomix_iso_64_8_p2', routing=routing, router=router, **{**SMALL, **kw})
+
+
+def step(model, x, y, task=None):
+    out = model(x, task=task)
+    per = F.cross_entropy(out, y, reduction='none')
+    return per.mean() + model.router.loss(per, out.argmax(-1) == y)
+
+
+# --- model --------------------------------------------------------------------------------------
+@pytest.mark.parametrize('routing,cls', [('task', TaskRouter), ('input', InputRouter)])
+def test_routing_kwargs_build_a_router_over_the_bank_and_keep_the_templates(routing, cls):
+    model = routed(routing, num_tasks=3)
+    plain = timm.create_model('isomix_iso_64_8_p2', **SMALL)
+    assert isinstance(model.router, cls) and model.router.num_tasks == 3
+    assert model.router.num_layers == 8 and model.router.num_templates == 4
+    assert model.schedule.mixture.is_hard  # templates run as they are; the router picks which
+    assert model.bank.weight.shape == plain.bank.weight.shape
+    assert model.schedule_args() == {'depth': 8}
+
+
+def test_training_samples_routes_and_eval_takes_the_argmax_unless_sampling_is_asked_for():
+    model = routed('task')
+    with torch.no_grad():
+        model.router.logits[0] = F.one_hot(torch.tensor([3, 2, 1, 0, 0, 1, 2, 3]), 4) * 2.  # p(argmax) ~ 0.71
+    x = torch.randn(64, 3, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert (model.router.last_routes == torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])).all()
+    model.train()
+    model(x)
+    sampled = model.router.last_routes
+    assert (sampled != torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])).any()
+    assert (sampled == torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])).float().mean() > 0.5
+    model.eval()
+    model.router.sample = True
+    with torch.no_grad():
+        model(x)
+    assert (model.router.last_routes != torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])).any()
+
+
+def test_per_input_routes_differ_between_examples_of_one_task_and_per_task_routes_do_not():
+    x = torch.randn(32, 3, 8, 8)
+    for routing, varies in (('task', False), ('input', True)):
+        model = routed(routing).eval()
+        for p in model.router.parameters():
+            torch.nn.init.normal_(p, std=2.)
+        with torch.no_grad():
+            model(x)
+        routes = model.router.last_routes
+        assert bool((routes != routes[:1]).any()) == varies, routing
+
+
+# --- grouped execution --------------------------------------------------------------------------
+def test_a_route_fixed_for_the_whole_batch_gives_exactly_the_outputs_of_that_hard_order():
+    order = [2, 1, 0, 3, 3, 2, 1, 0]
+    model = routed('task').eval()
+    hard = timm.create_model('isomix_iso_64_8_p2', order=order, **SMALL).eval()
+    hard.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith('router.')})
+    with torch.no_grad():
+        model.router.logits[0] = F.one_hot(torch.tensor(order), 4) * 5.
+        x = torch.randn(16, 3, 8, 8)
+        assert torch.equal(model(x), hard(x))
+
+
+def test_grouped_execution_equals_running_every_example_on_its_own_template():
+    torch.manual_seed(0)
+    model = timm.create_model('isomix_iso_64_8_p2', order=[0] * 8, **SMALL).eval()
+    layer, bank = model.schedule.layers[0], model.bank
+    templates = bank.unflatten_rows(bank.weight, bank.affine, bank.num_templates)
+    x = torch.randn(12, 16, 4, 4)
+    index = torch.tensor([3, 0, 0, 2, 3, 1, 1, 0, 2, 2, 3, 0])
+    gate = torch.rand(12)
+    with torch.no_grad():
+        y = run_routed(layer, x, templates, index, gate)
+        for b in range(12):
+            ref = layer(x[b:b + 1], templates[index[b]]) * gate[b]
+            torch.testing.assert_close(y[b:b + 1], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_only_the_templates_that_ran_and_every_bank_row_has_a_gradient():
+    model = timm.create_model('isomix_iso_64_8_p2', order=[0] * 8, **SMALL).train()
+    layer, bank = model.schedule.layers[0], model.bank
+    templates = bank.unflatten_rows(bank.weight, bank.affine, bank.num_templates)
+    x = torch.randn(6, 16, 4, 4)
+    run_routed(layer, x, templates, torch.tensor([1, 3, 1, 3, 3, 1])).square().sum().backward()
+    assert bank.weight.grad is not None  # zero rows, not a missing gradient: DDP needs no find_unused_parameters
+    used = bank.affine.grad.abs().sum(1) > 0  # (the kernels' gradients are 0 here: zero-init last BN scale)
+    assert used.tolist() == [False, True, False, True]
+
+
+# --- learning rules -----------------------------------------------------------------------------
+@pytest.mark.parametrize('routing', ['task', 'input'])
+@pytest.mark.parametrize('router', ['reinforce', 'wpl', 'gumbel'])
+def test_every_router_gives_every_parameter_a_gradient_in_one_step(routing, router):
+    model = routed(routing, router, num_tasks=2).train()
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # WPL's policy moves from the second step on (its values start equal)
+        opt.zero_grad()
+        step(model, x, y, task=torch.tensor([0, 1] * 4)).backward()
+        opt.step()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    assert model.router.logits.grad.abs().sum() > 0 if routing == 'task' else \
+        model.router.nets[0][2].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('router', ['reinforce', 'wpl', 'gumbel'])
+def test_a_router_learns_to_prefer_the_template_that_earns_reward(router):
+    """A bandit over one layer: template 2 gives loss 0, the others loss 1; the route policy moves to 2."""
+    torch.manual_seed(0)
+    r = TaskRouter(1, 4, algorithm=router, tau=1.0).train()
+    opt = torch.optim.SGD(r.parameters(), lr=0.5)
+    x = torch.zeros(64, 1, 1, 1)
+    for _ in range(60):
+        index, gate = r.routes(x)(0, x)
+        if router == 'gumbel':  # the gate carries the gradient: output = gate * (loss of the chosen template)
+            loss = (gate * (index != 2).float()).mean()
+        else:
+            loss = r.loss((index != 2).float(), index == 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert r.policy()[0, 0].argmax() == 2 and r.policy()[0, 0, 2] > 0.6
+
+
+def test_rewards_come_from_loss_or_correctness_and_pay_the_route_cost():
+    r = TaskRouter(2, 3, algorithm='reinforce', reward='correct', cost=[0., 0.5, 1.]).train()
+    x = torch.zeros(2, 1, 1, 1)
+    route = r.routes(x)
+    with torch.no_grad():
+        r.logits.fill_(0.)
+    route(0, x), route(1, x)
+    idx = r.last_routes.t()
+    returns = r._returns(r.rewards(torch.zeros(2), torch.tensor([True, False])), r._task, idx)
+    cost = torch.tensor([0., 0.5, 1.])[idx]
+    assert torch.allclose(returns[1], torch.tensor([1., -1.]) - cost[1])
+    assert torch.allclose(returns[0], torch.tensor([1., -1.]) - cost[0] - cost[1])
+    assert torch.equal(TaskRouter(2, 3, reward='loss').rewards(torch.tensor([0.3]), torch.tensor([True])),
+                       torch.tensor([-0.3]))
+
+
+def test_collaboration_reward_favours_the_templates_other_tasks_use():
+    r = TaskRouter(1, 2, num_tasks=2, algorithm='wpl', collab=1.0).train()
+    r.usage[1, 0] = torch.tensor([0.9, 0.1])  # task 1 mostly runs template 0
+    task, idx = torch.tensor([0, 0]), torch.tensor([[0, 1]])
+    returns = r._returns(torch.zeros(2), task, idx)
+    assert torch.allclose(returns[0], torch.tensor([0.9, 0.1]))
+
+
+def test_gumbel_temperature_follows_its_schedule():
+    r = TaskRouter(1, 2, algorithm='gumbel', tau=2.0, tau_end=0.5)
+    assert r.tau() == 2.0
+    r.set_progress(0.5)
+    assert r.tau() == pytest.approx(1.0)
+    r.set_progress(1.0)
+    assert r.tau() == pytest.approx(0.5)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(routing='layer'), "unknown routing mode 'layer'"),
+    (dict(routing='task', router='dqn'), "unknown router 'dqn'"),
+    (dict(routing='task', order=[0, 1, 2, 3]), 'cannot run on a hard order'),
+    (dict(router='wpl'), 'without routing'),
+    (dict(routing='input', router_args={'temperature': 2}), "unknown router_args ['temperature']"),
+    (dict(routing='task', router_args={'hidden': 8}), "routing='task' has none"),
+])
+def test_bad_routing_arguments_raise_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        timm.create_model('isomix_iso_64_8_p2', **SMALL, **kwargs)
+    assert message in str(e.value)
+
+
+def test_a_task_id_outside_the_models_tasks_is_refused():
+    model = routed('input', num_tasks=2).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"task 2 is outside the model's tasks 0\.\.1"):
+        model(x, task=2)
+    with pytest.raises(ValueError, match='outside the model'):
+        model(x, task=torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match='a routed model has no schedule'):
+        model.set_schedule(reuse=3)
+
+
+# --- optimizer and train.py ----------------------------------------------------------------------
+def test_router_parameters_form_their_own_group_without_weight_decay_at_their_own_lr():
+    model = routed('input', 'reinforce')
+    groups = mixture_param_groups(model, weight_decay=0.05, lr=0.1, router_lr=0.003)
+    router = [g for g in groups if g.get('group_name') == 'router']
+    assert len(router) == 1 and router[0]['lr'] == 0.003 and router[0]['weight_decay'] == 0.
+    assert {id(p) for p in router[0]['params']} == {id(p) for p in model.router.parameters()}
+    others = {id(p) for g in groups if g.get('group_name') != 'router' for p in g['params']}
+    assert not others & {id(p) for p in model.router.parameters()}
+
+
+def test_router_flags_need_routing_and_become_model_kwargs():
+    from timm_isomix.train.config import ConfigError, parse_train_args
+    args, _ = parse_train_args(['--routing', 'input', '--router', 'gumbel', '--router-tau', '2', '--router-cost', '0.1'])
+    assert args.model_kwargs == {'routing': 'input', 'router': 'gumbel', 'router_args': {'tau': 2.0, 'cost': 0.1}}
+    with pytest.raises(ConfigError, match='need --routing'):
+        parse_train_args(['--router', 'wpl'])
+
+
+@pytest.fixture(scope='module')
+def tiny_cifar(shared_dataset, tmp_path_factory):
+    return make_tiny_folder(shared_dataset('cifar10'), tmp_path_factory.mktemp('tiny_cifar_routing'), 4, 2)
+
+
+def _train_cmd(data, out, experiment, *extra):
+    return [str(ROOT / 'train.py'), '--data-dir', str(data), '--model', 'isomix_iso_64_8_p2', '--model-kwargs',
+            'width=16', '--img-size', '16', '-b', '8', '-j', '0', '--opt', 'adamw', '--lr', '2e-3',
+            '--warmup-epochs', '0', '--epochs', '1', '--val-split', 'val', '--device', 'cpu', '--log-interval', '2',
+            '--output', str(out), '--experiment', experiment, *extra]
+
+
+def _run(cmd):
+    import os
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_train_py_trains_a_router_and_its_checkpoint_rebuilds_the_routed_model(tiny_cifar, tmp_path):
+    result = _run([PY] + _train_cmd(tiny_cifar, tmp_path, 'wpl', '--routing', 'task', '--router', 'wpl',
+                                    '--router-lr', '0.05', '--router-reward', 'correct'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / 'wpl' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    args = ckpt['model_args']
+    assert args['routing'] == 'task' and args['router'] == 'wpl' and args['router_args'] == {'reward': 'correct'}
+    model = timm.create_model(ckpt['arch'], **args)
+    model.load_state_dict(ckpt['state_dict'])
+    assert not torch.equal(model.router.value, torch.zeros_like(model.router.value))  # the values learned
+    groups = {g.get('group_name'): g for g in ckpt['optimizer']['param_groups']}
+    assert groups['router']['initial_lr'] == 0.05 and groups['router']['weight_decay'] == 0.
+
+
+def test_torchrun_trains_per_input_routes_with_two_cpu_processes(tiny_cifar, tmp_path):
+    """With 4 examples per rank, some templates go unused at some layer on some rank in most steps: their bank
+    rows get zero gradients (the bank is one parameter), so DDP needs no find_unused_parameters."""
+    cmd = [PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    cmd += _train_cmd(tiny_cifar, tmp_path, 'ddp', '--routing', 'input', '--router', 'reinforce', '-b', '4')
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'process 1 of 2' in result.stderr
+    ckpt = torch.load(tmp_path / 'ddp' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['model_args']['routing'] == 'input' and 'router.nets.0.0.weight' in ckpt['state_dict']
