@@ -25,10 +25,11 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices  # timm.models exports no public name for it
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
-from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank
+from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, cyclic_order
 from ..blocks import BasicLayer, BottleneckLayer
 from ._base import IsoMixModel, Order, base_cfg, normalize_order
 from ._hub import pretrained_kwargs
+from .routing import Router, TaskIds, build_router
 from .warm_start import checkpoint_filter_fn, is_resnet_state_dict, resnet_to_isomix, warm_start_schedule
 
 __all__ = ['IsoMixResNet', 'BankStage', 'is_resnet_state_dict', 'resnet_to_isomix', 'checkpoint_filter_fn']
@@ -49,19 +50,21 @@ class BankStage(nn.Module):
             first: nn.Module,
             bank: TemplateBank,
             schedule: Schedule,
+            router: Optional[Router] = None,
     ):
         super().__init__()
         self.first = first
         self.bank = bank
         self.schedule = schedule
+        self.router = router  # Routing Networks: picks the template of each layer per task or example
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: TaskIds = None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             x = checkpoint(self.first, x)
         else:
             x = self.first(x)
-        return self.schedule(x, self.bank)
+        return self.schedule(x, self.bank, route=self.router.routes(x, task) if self.router is not None else None)
 
 
 class IsoMixResNet(IsoMixModel):
@@ -78,6 +81,10 @@ class IsoMixResNet(IsoMixModel):
             temperature: float = 1.0,
             init_logit: float = INIT_LOGIT,
             mixture_init: str = 'cyclic',
+            routing: Optional[str] = None,
+            router: Optional[str] = None,
+            num_tasks: int = 1,
+            router_args: Optional[Dict[str, Any]] = None,
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -106,6 +113,8 @@ class IsoMixResNet(IsoMixModel):
             drop_rate: dropout before the classifier.
             drop_path_rate: stochastic depth, rising linearly over all executed blocks.
             zero_init_last: zero the last BN scale of every residual branch (templates too).
+            routing, router, num_tasks, router_args: Routing Networks instead of mixtures, one router per
+                stage (see IsoMixNet and models/routing.py); forward(x, task=...).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -147,9 +156,12 @@ class IsoMixResNet(IsoMixModel):
                 layer_fn = partial(BottleneckLayer, outplanes, planes, act_layer=act_layer)
             bank = TemplateBank(shapes, n - 1, **dd)
             num_layers = len(orders[i]) if orders[i] is not None else reuses[i] * (n - 1)
-            mixture = Mixture(num_layers, n - 1, order=orders[i], temperature=temperature, init_logit=init_logit,
+            stage_router = build_router(routing, router, num_layers, n - 1, outplanes, num_tasks,
+                                        order, router_args, **dd)
+            stage_order = cyclic_order(num_layers, n - 1) if stage_router is not None else orders[i]
+            mixture = Mixture(num_layers, n - 1, order=stage_order, temperature=temperature, init_logit=init_logit,
                               init=mixture_init, **dd)
-            stages.append(BankStage(first, bank, Schedule(layer_fn, mixture, **dd)))
+            stages.append(BankStage(first, bank, Schedule(layer_fn, mixture, **dd), stage_router))
             inplanes = outplanes
             self.feature_info.append(dict(num_chs=outplanes, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -185,6 +197,8 @@ class IsoMixResNet(IsoMixModel):
             for k in range(stage.bank.num_templates):
                 if stage.bank.weight.device.type != 'meta':
                     layer_cls.init_template(stage.bank.template(k), zero_init_last)
+            if stage.router is not None:
+                stage.router.reset_parameters()
 
     # --- schedule -------------------------------------------------------------------------
     def mixtures(self) -> Dict[str, Mixture]:
@@ -197,6 +211,8 @@ class IsoMixResNet(IsoMixModel):
         With `reuse`, every stage without a given order gets `reuse * K` layers in the cyclic order,
         as learnable logits. A stage's order may have any length (depth is free).
         """
+        if any(s.router is not None for s in self.stages):
+            raise ValueError('a routed model has no schedule to set: its routers choose the templates')
         reuses = _per_stage_reuse(reuse, len(self.stages)) if reuse is not None else None
         orders = normalize_order(order, len(self.stages))
         for i, (stage, stage_order) in enumerate(zip(self.stages, orders)):
@@ -213,7 +229,7 @@ class IsoMixResNet(IsoMixModel):
         for stage in self.stages:
             m = stage.schedule.mixture
             reuse.append(max(m.num_layers // m.num_templates, 1))
-            order.append(list(m.order) if m.is_hard else None)
+            order.append(list(m.order) if m.is_hard and stage.router is None else None)
         args: Dict[str, Any] = dict(reuse=reuse[0] if len(set(reuse)) == 1 else reuse)
         if any(o is not None for o in order):
             args['order'] = order
@@ -233,7 +249,7 @@ class IsoMixResNet(IsoMixModel):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """Mixture logits and the banks' normalization scale/shift (1-D per template) get no weight decay."""
-        return {'*.mixture.logits', '*.bank.affine'}
+        return {'*.mixture.logits', '*.bank.affine', '*.router.*'}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -250,8 +266,10 @@ class IsoMixResNet(IsoMixModel):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
+            task: TaskIds = None,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features of the stem (index 0) and of each stage (1..4); `norm` has no effect (no final norm)."""
+        """Features of the stem (index 0) and of each stage (1..4); `norm` has no effect (no final norm);
+        `task` as in forward()."""
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
@@ -261,7 +279,7 @@ class IsoMixResNet(IsoMixModel):
         x = self.maxpool(x)
         stages = self.stages[:max_index] if stop_early else self.stages
         for i, stage in enumerate(stages):
-            x = stage(x)
+            x = stage(x, task)
             if i + 1 in take_indices:
                 intermediates.append(x)
         if intermediates_only:
@@ -286,10 +304,18 @@ class IsoMixResNet(IsoMixModel):
             self.reset_classifier(0, '')
         return take_indices
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, task: TaskIds = None) -> torch.Tensor:
+        """`task`: a routed model's task (an int, or a tensor of ids per example; default 0)."""
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.maxpool(x)
+        if any(s.router is not None for s in self.stages):
+            for stage in self.stages:
+                x = stage(x, task)
+            return x
         return self.stages(x)
+
+    def forward(self, x: torch.Tensor, task: TaskIds = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, task))
 
 
 def _create_isomix_resnet(variant: str, pretrained: bool = False, **kwargs) -> IsoMixResNet:
