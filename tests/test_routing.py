@@ -272,3 +272,40 @@ def test_torchrun_trains_per_input_routes_with_two_cpu_processes(tiny_cifar, tmp
     assert 'process 1 of 2' in result.stderr
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert ckpt['model_args']['routing'] == 'input' and 'router.nets.0.0.weight' in ckpt['state_dict']
+
+
+# --- the timm contract (eval mode) ---------------------------------------------------------------
+from test_timm_suite import timm_tests  # noqa: E402,F401  (the fixture: timm's own tests/test_models.py)
+
+ROUTED = [('isomix_iso_64_8_p2', 'input', 'gumbel'), ('isomix_iso_64_8_p2', 'task', 'wpl'),
+          ('isomix_resnet26', 'input', 'reinforce')]
+
+
+@pytest.fixture
+def routed_timm_tests(timm_tests, monkeypatch):  # noqa: F811
+    """timm's test functions, whose create_model builds the model with routing kwargs."""
+    def use(routing, router):
+        def create(name, *args, **kwargs):
+            return timm.create_model(name, *args, routing=routing, router=router, **kwargs)
+        monkeypatch.setattr(timm_tests, 'create_model', create)
+        return timm_tests
+    return use
+
+
+@pytest.mark.parametrize('model_name,routing,router', ROUTED)
+def test_routed_models_pass_timms_forward_features_and_intermediates_tests_in_eval(
+        routed_timm_tests, model_name, routing, router, one_thread):
+    t = routed_timm_tests(routing, router)
+    t.test_model_forward(model_name, 2)
+    t.test_model_forward_features(model_name, 2)
+    t.test_model_forward_intermediates_features(model_name, 2)
+    t.test_model_forward_intermediates(model_name, 2)
+
+
+@pytest.mark.parametrize('model_name,routing,router', ROUTED[:2])
+def test_fx_tracing_cannot_follow_per_example_routes_and_fails_loudly(routed_timm_tests, model_name, routing,
+                                                                     router):
+    """The group sizes of a routed layer are data (bank.run_routed); symbolic tracing must raise, not
+    produce a graph with the routes of one example batch baked in."""
+    with pytest.raises(Exception, match='tolist|symbolically traced|Proxy'):
+        routed_timm_tests(routing, router).test_model_forward_fx(model_name, 1)
