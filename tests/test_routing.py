@@ -309,3 +309,81 @@ def test_fx_tracing_cannot_follow_per_example_routes_and_fails_loudly(routed_tim
     produce a graph with the routes of one example batch baked in."""
     with pytest.raises(Exception, match='tolist|symbolically traced|Proxy'):
         routed_timm_tests(routing, router).test_model_forward_fx(model_name, 1)
+
+
+# --- multi-task ------------------------------------------------------------------------------------
+def _task_sets(n=24, size=8, classes=3, seed=0):
+    from torch.utils.data import TensorDataset
+    g = torch.Generator().manual_seed(seed)
+    return {t: TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
+            for t in ('a', 'b')}
+
+
+@pytest.mark.parametrize('routing,router', [('task', 'wpl'), ('input', 'gumbel')])
+def test_multi_task_training_trains_the_router_and_reports_route_usage_per_task_and_class(routing, router, tmp_path,
+                                                                                          one_thread):
+    from timm_isomix.tasks.fit import fit_tasks
+    from timm_isomix.tasks.routing import build_routed_task_model, plot_route_usage, route_usage
+    torch.manual_seed(0)
+    model = build_routed_task_model('isomix_iso_64_8_p2', {'a': 3, 'b': 3}, routing=routing, router=router,
+                                    router_args={'collab': 0.1} if router == 'wpl' else {'tau': 2., 'tau_end': 0.5},
+                                    width=16)
+    before = {n: p.detach().clone() for n, p in model.router.named_parameters()}
+    sets = _task_sets()
+    history = fit_tasks(model, sets, sets, epochs=2, batch_size=8, router_lr=0.1)
+    assert len(history) == 2 and {'a_top1', 'b_top1'} <= set(history[-1])
+    moved = [n for n, p in model.router.named_parameters() if not torch.equal(p, before[n])]
+    assert moved, 'the router did not learn'
+    assert model.router.progress == pytest.approx((1 + 2 / 3) / 2)  # the last step of epoch 2 of 2, 3 steps each
+    usage = route_usage(model, sets)
+    for task in ('a', 'b'):
+        assert usage['per_task'][task].shape == (8, 4)
+        assert torch.allclose(usage['per_task'][task].sum(-1), torch.ones(8))
+        assert set(usage['per_class'][task]) <= {0, 1, 2}
+    if routing == 'task':  # one route per task: one-hot rows, the same for every class
+        assert ((usage['per_task']['a'] == 0) | (usage['per_task']['a'] == 1)).all()
+    assert usage['js_per_layer'].shape == (8,)
+    paths = plot_route_usage(usage, tmp_path)
+    assert all(p.is_file() and p.read_bytes()[:4] == b'\x89PNG' for p in paths)
+
+
+def test_a_routed_multi_task_model_refuses_unknown_tasks_and_too_few_router_tasks():
+    from timm_isomix.tasks.routing import RoutedMultiTask, build_routed_task_model
+    model = build_routed_task_model('isomix_iso_64_8_p2', {'a': 3}, width=16)
+    with pytest.raises(KeyError, match="unknown task 'c'"):
+        model(torch.randn(1, 3, 8, 8), task='c')
+    trunk = timm.create_model('isomix_iso_64_8_p2', width=16, num_classes=0, routing='task', num_tasks=1)
+    with pytest.raises(ValueError, match='num_tasks=2'):
+        RoutedMultiTask(trunk, {'a': 3, 'b': 3})
+
+
+DDP_SCRIPT = '''
+import argparse, torch, torch.distributed as dist
+from torch.utils.data import TensorDataset
+from timm_isomix.train.distributed import setup_distributed
+from timm_isomix.tasks.fit import fit_tasks
+from timm_isomix.tasks.routing import build_routed_task_model
+args = argparse.Namespace(device='cpu', dist_backend=None, dist_url='env://')
+setup_distributed(args)
+torch.manual_seed(0)
+model = build_routed_task_model('isomix_iso_64_8_p2', {'a': 3, 'b': 3}, routing='input', router='reinforce', width=8)
+g = torch.Generator().manual_seed(1)
+sets = {t: TensorDataset(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for t in 'ab'}
+fit_tasks(model, sets, None, epochs=1, batch_size=2, distributed=True)
+flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+both = [torch.zeros_like(flat) for _ in range(2)]
+dist.all_gather(both, flat)
+assert torch.equal(both[0], both[1]), 'ranks diverged'
+if dist.get_rank() == 0:
+    print('ranks agree')
+dist.destroy_process_group()
+'''
+
+
+def test_torchrun_multi_task_routing_with_two_cpu_processes_keeps_the_ranks_in_step(tmp_path):
+    """Batches of 2 examples per task and rank: most templates go unused at most layers on each rank."""
+    script = tmp_path / 'ddp_routing.py'
+    script.write_text(DDP_SCRIPT)
+    result = _run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'ranks agree' in result.stdout

@@ -24,12 +24,14 @@ class _JointStep(nn.Module):
         self.model = model
 
     def forward(self, batches: Dict[str, Tuple[torch.Tensor, torch.Tensor]]):
-        losses, correct = {}, {}
+        losses, correct, extra = {}, {}, 0.
         for task, (x, y) in batches.items():
             out = self.model(x, task=task)
             losses[task] = F.cross_entropy(out, y)
             correct[task] = (out.argmax(-1) == y).sum()
-        return sum(losses.values()), losses, correct
+            if hasattr(self.model, 'routing_loss'):  # a routed model (tasks/routing.py): its router learns here
+                extra = extra + self.model.routing_loss(out, y)
+        return sum(losses.values()) + extra, losses, correct
 
 
 @torch.no_grad()
@@ -85,6 +87,7 @@ def fit_tasks(
         seed: int = 0,
         distributed: bool = False,
         log_fn=None,
+        router_lr: Optional[float] = None,
 ) -> List[dict]:
     """Train tasks jointly with balanced task sampling: every step takes one batch of every task.
 
@@ -92,7 +95,7 @@ def fit_tasks(
     subsampled), so each task weighs the same whatever its size. The parameters requiring grad
     are trained (freeze the others first, as transfer.freeze_for_transfer does); with `frozen_stats`, BatchNorm statistics stay as they are
     (eval mode), e.g. for a linear probe. Returns per-epoch metrics: train loss/accuracy and val
-    top-1 per task.
+    top-1 per task. A routed model's router (tasks/routing.py) trains at `router_lr` (default `lr`).
     """
     for task in train_sets:
         model._path(task)
@@ -101,7 +104,7 @@ def fit_tasks(
     empty = [t for t, ds in train_sets.items() if len(ds) == 0]
     if empty:
         raise ValueError(f'tasks {empty} have no training data')
-    groups = mixture_param_groups(model, weight_decay, lr, mixture_lr_mult)
+    groups = mixture_param_groups(model, weight_decay, lr, mixture_lr_mult, router_lr=router_lr)
     if not groups:
         raise ValueError('nothing to train: no parameter requires grad')
     optimizer = create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay)
@@ -124,6 +127,8 @@ def fit_tasks(
         tot_correct = {t: 0 for t in loaders}
         tot_n = {t: 0 for t in loaders}
         for step in range(steps):
+            if hasattr(model, 'set_progress'):  # a routed model's Gumbel temperature schedule
+                model.set_progress((epoch + step / steps) / epochs)
             batches = {t: tuple(v.to(device) for v in next(it)) for t, it in iters.items()}
             loss, losses, correct = step_module(batches)
             optimizer.zero_grad(set_to_none=True)
