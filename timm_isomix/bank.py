@@ -7,7 +7,8 @@ layer l, K logits and turns them into that layer's parameters,
 with one matrix product per bank for all layers. A hard order (one template index per layer)
 runs each template as it is, with no mixing. A `Schedule` is a mixture plus the executed layers,
 each owning its normalization statistics. Any number of schedules (tasks, domains) can run over
-one bank: the bank is passed in at call time, never copied.
+one bank: the bank is passed in at call time, never copied. A router (Routing Networks,
+models/routing.py) can replace a hard order's choice with a template per example (`run_routed`).
 """
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -19,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import register_notrace_module
 
-__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'cyclic_order', 'order_logits', 'INIT_LOGIT', 'SHARP_LOGIT', 'MIXTURE_INITS']
+__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'run_routed', 'cyclic_order', 'order_logits', 'INIT_LOGIT',
+           'SHARP_LOGIT', 'MIXTURE_INITS']
 
 # Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2,
 # 0.93 for K=5. Sharp enough that each template first learns a role of its own, soft enough that the
