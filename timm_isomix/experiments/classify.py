@@ -90,7 +90,7 @@ def _optimizer(model: nn.Module, cfg: Dict[str, Any], epochs: int, steps: int):
     optimizer = create_optimizer_v2(groups, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     scheduler, _ = create_scheduler_v2(
         optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=min(cfg['warmup_epochs'], max(epochs - 1, 0)),
-        warmup_lr=cfg['lr'] * 0.01, min_lr=cfg['lr'] * 0.01, updates_per_epoch=steps)
+        warmup_lr=cfg['lr'] * 0.01, min_lr=cfg['lr'] * 0.01, step_on_epochs=False, updates_per_epoch=steps)
     return optimizer, scheduler
 
 

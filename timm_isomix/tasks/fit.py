@@ -111,7 +111,8 @@ def fit_tasks(
     loaders = _loaders(train_sets, batch_size, seed, distributed)
     steps = max(1, round(sum(len(l) for l in loaders.values()) / len(loaders)))
     scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=warmup_epochs,
-                                       warmup_lr=lr * 0.01, min_lr=lr * 0.01, updates_per_epoch=steps)
+                                       warmup_lr=lr * 0.01, min_lr=lr * 0.01, step_on_epochs=False,
+                                       updates_per_epoch=steps)
     step_module = _JointStep(model)
     if distributed:
         step_module = nn.parallel.DistributedDataParallel(step_module)
