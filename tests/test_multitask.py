@@ -268,3 +268,27 @@ def test_a_patch_cannot_be_combined_with_a_borrowed_trunk():
     model = tiny_model()
     with pytest.raises(ValueError, match='share_trunk_with takes the whole trunk'):
         model.add_task('c', 3, share_trunk_with='a', patch=True)
+
+
+def test_study_task_data_is_cached_as_uint8_and_reads_back_exactly(tmp_path, monkeypatch):
+    from timm_isomix.experiments.task_runs import task_data
+    monkeypatch.setenv('ISOMIX_STATE', str(tmp_path / 'state'))
+    root = tmp_path / 'ds'
+    for i, c in enumerate(['a', 'b']):
+        (root / 'train' / c).mkdir(parents=True)
+        for j in range(3):
+            Image.new('RGB', (8, 8), color=(37 * i + j, 200 - j, 5)).save(root / 'train' / c / f'{j}.png')
+    spec = {'name': 't', 'data': str(root), 'classes': ['b', 'a']}
+    first = task_data(spec, 'train', 8, None)
+    assert len(list((tmp_path / 'state' / 'cache').glob('*.pt'))) == 1
+    again = task_data(spec, 'train', 8, None)  # from the cache
+    direct = load_task_data(root, 'train', ['b', 'a'], 8)
+    assert torch.equal(first.tensors[1], direct.tensors[1]) and torch.equal(again.tensors[0], first.tensors[0])
+    assert torch.allclose(again.tensors[0], direct.tensors[0], atol=1e-6)
+
+
+def test_sharing_summary_counts_seeds_whose_late_layers_diverge_more():
+    from timm_isomix.experiments.task_report import sharing_summary
+    s = sharing_summary([[0.0, 0.1, 0.5, 0.6], [0.2, 0.2, 0.1, 0.1], [0.0, 0.0, 0.3, 0.3]])
+    assert s['late_above_early'] == 2 and s['n'] == 3
+    assert s['early'] == pytest.approx([0.05, 0.2, 0.0]) and s['mean'][2] == pytest.approx(0.3)

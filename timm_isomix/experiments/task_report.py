@@ -1,0 +1,192 @@
+"""What the issue-13 studies add to the runner's report: sharing between tasks per layer, loss curves, and
+the label-free choice across alignments, all over seeds.
+
+    python -m timm_isomix.experiments.task_report STUDY [--scale cpu]
+
+writes `sharing.md` (+ `sharing.png`, `sharing-pairs.png`, `adaptation-curves.png` where they apply) beside
+the runner's `report.md`:
+- per configuration, the per-layer Jensen-Shannon divergence between tasks' mixtures (bits; 0 = the same
+  mixture) as mean +- std over seeds, its mean over the first and the second half of the layers, and in how
+  many seeds the second half diverges more than the first (the multi-task pattern: share early, specialise
+  late; the adaptation pattern is the opposite);
+- a heatmap of layer x task pair divergence, averaged over seeds (alpha itself is not averaged over seeds:
+  templates have no identity across seeds that start from independent random mixtures);
+- transfer: each mode's accuracy relative to full fine-tuning (per seed, then mean +- std);
+- adaptation: the chosen candidate's objective per step (mean over seeds), the weights chosen, and, per
+  condition, the alignment the same label-free rule picks across alignments for each seed.
+"""
+import argparse
+import statistics
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..tasks.adaptation import select_candidate
+from ..train.files import atomic_write_bytes
+from ..train.plots import _pyplot, _save, js_divergence
+from .runner import STUDIES, finished_runs, results_root
+from . import studies  # noqa: F401  (registers the studies)
+
+__all__ = ['sharing_summary', 'write_task_report']
+
+
+def _ms(values: List[float], digits: int = 3) -> str:
+    if not values:
+        return ''
+    sd = statistics.stdev(values) if len(values) > 1 else 0.
+    return f'{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}'
+
+
+def sharing_summary(per_seed: List[List[float]]) -> Dict[str, Any]:
+    """Per-layer JS over seeds: mean, std, early/late halves, and the seeds where late > early."""
+    t = torch.tensor(per_seed, dtype=torch.float64)
+    half = t.shape[1] // 2
+    early, late = t[:, :half].mean(1), t[:, half:].mean(1)
+    return {'mean': t.mean(0).tolist(), 'std': (t.std(0) if len(t) > 1 else torch.zeros(t.shape[1])).tolist(),
+            'early': early.tolist(), 'late': late.tolist(), 'late_above_early': int((late > early).sum()), 'n': len(t)}
+
+
+def _sharing_rows(runs: Dict[str, Dict[int, dict]], key: str) -> List[str]:
+    lines = []
+    for config, records in runs.items():
+        per_seed = [r['result'][key] for r in records.values() if r['result'].get(key)]
+        if not per_seed:
+            continue
+        s = sharing_summary(per_seed)
+        layers = ', '.join(f'{m:.3f}±{sd:.3f}' for m, sd in zip(s['mean'], s['std']))
+        lines.append(f'| `{config}` | {key} | {layers} | {_ms(s["early"])} | {_ms(s["late"])} | '
+                     f'{s["late_above_early"]} of {s["n"]} |')
+    return lines
+
+
+def _pair_heatmap(runs: Dict[str, Dict[int, dict]], config: str, path) -> Optional[str]:
+    records = list(runs.get(config, {}).values())
+    alphas = [r['result'].get('task_alphas') for r in records if r['result'].get('task_alphas')]
+    if not alphas:
+        return None
+    tasks = list(alphas[0])
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+    grid = torch.stack([torch.stack([js_divergence(torch.tensor(al[a]), torch.tensor(al[b])) for a, b in pairs], 1)
+                        for al in alphas]).mean(0)  # (layers, pairs), mean over seeds
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(pairs), 3.8))
+    im = ax.imshow(grid.numpy(), vmin=0, vmax=max(0.05, grid.max().item()), cmap='magma', aspect='auto')
+    ax.set_xticks(range(len(pairs)), [f'{a}-{b}' for a, b in pairs], rotation=60, fontsize=7)
+    ax.set_ylabel('layer')
+    ax.set_title(f'{config}: JS between tasks, mean of {len(alphas)} seeds', fontsize=9)
+    fig.colorbar(im, ax=ax, label='bits')
+    return _save(fig, path, dpi=110, bbox_inches='tight')
+
+
+def _transfer_rows(runs: Dict[str, Dict[int, dict]]) -> List[str]:
+    full = {s: r['result']['top1'] for s, r in runs.get('full', {}).items()}
+    lines = ['| mode | top-1 (mean ± std) | % of full fine-tuning | trainable | % of full\'s trainable | n |',
+             '|---|---|---|---|---|---|']
+    full_params = next((r['result']['trainable'] for r in runs.get('full', {}).values()), None)
+    for mode, records in runs.items():
+        top1 = [r['result']['top1'] for r in records.values()]
+        rel = [100 * r['result']['top1'] / full[s] for s, r in records.items() if full.get(s)]
+        trainable = next(iter(records.values()))['result']['trainable']
+        frac = f'{100 * trainable / full_params:.2f}' if full_params else ''
+        lines.append(f'| `{mode}` | {_ms(top1, 2)} | {_ms(rel, 1)} | {trainable:,} | {frac} | {len(top1)} |')
+    return lines
+
+
+def _adaptation_rows(runs: Dict[str, Dict[int, dict]]) -> List[str]:
+    lines = ['| condition | alignment picked per seed (label-free) | top-1 (mean ± std) | n |', '|---|---|---|---|']
+    for condition in ('mixture', 'mixture_adabn'):
+        configs = {c: rs for c, rs in runs.items() if c.startswith(condition + '-')}
+        seeds = sorted(set.intersection(*[set(rs) for rs in configs.values()])) if configs else []
+        picked, top1 = [], []
+        for s in seeds:
+            names = sorted(configs)
+            i = select_candidate([{'score': configs[c][s]['result']['score'],
+                                   'decreased': configs[c][s]['result'].get('decreased', True)} for c in names])
+            picked.append(names[i])
+            top1.append(configs[names[i]][s]['result']['top1'])
+        if seeds:
+            lines.append(f'| {condition} (selected) | {", ".join(picked)} | {_ms(top1, 2)} | {len(seeds)} |')
+    lines += ['', '| configuration | weights chosen per seed | candidates: weight -> label-free score / top-1 '
+              '(seed 0; top-1 read after the choice) |', '|---|---|---|']
+    for config, records in runs.items():
+        cands = [r['result'].get('candidates') for r in records.values()]
+        if not cands[0]:
+            continue
+        first = ', '.join(f'{c["weight"]:g} -> {c["score"]:.3f} / {c["top1"]:.1f}{"" if c["decreased"] else " (rose)"}'
+                          for c in cands[0])
+        weights = ', '.join(f'{r["result"]["weight"]:g}' for r in records.values())
+        lines.append(f'| `{config}` | {weights} | {first} |')
+    return lines
+
+
+def _curves(runs: Dict[str, Dict[int, dict]], path) -> Optional[str]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    drawn = False
+    for config, records in runs.items():
+        curves = [r['result']['curves'][str(r['result']['weight'])] for r in records.values()
+                  if r['result'].get('curves')]
+        if curves:
+            n = min(len(c) for c in curves)
+            mean = torch.tensor([[h['loss'] for h in c[:n]] for c in curves]).mean(0)
+            ax.plot(range(1, n + 1), mean.tolist(), label=config, lw=1)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel('adaptation step')
+    ax.set_ylabel('objective (chosen weight)')
+    ax.legend(fontsize=6)
+    return _save(fig, path, dpi=110, bbox_inches='tight')
+
+
+def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
+    """Write sharing.md and the figures (module docstring) for a study's finished runs; return their paths."""
+    study = STUDIES[study_name]
+    runs = finished_runs(study.name, scale)
+    if not runs:
+        raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r}')
+    runs = {c: runs[c] for c in study.configs if c in runs}
+    folder = results_root() / study.name / scale
+    lines = [f'# {study.name} ({scale}): sharing, curves, choices\n',
+             '| configuration | between | JS per layer (bits, mean ± std over seeds) | first half | second half | '
+             'seeds with second > first |', '|---|---|---|---|---|---|']
+    for key in ('js_per_layer', 'js_sources', 'js_target'):
+        lines += _sharing_rows(runs, key)
+    paths = {}
+    for config in ('isomix', 'mixture_adabn-mm', 'source_only'):
+        p = _pair_heatmap(runs, config, folder / f'sharing-pairs-{config}.png')
+        if p:
+            paths[f'pairs-{config}'] = p
+            lines.append(f'\n![{config}](sharing-pairs-{config}.png)')
+    if 'full' in runs:
+        lines += ['', *_transfer_rows(runs)]
+    if any(r['result'].get('candidates') for rs in runs.values() for r in rs.values()):
+        lines += ['', *_adaptation_rows(runs)]
+        p = _curves(runs, folder / 'adaptation-curves.png')
+        if p:
+            paths['curves'] = p
+            lines.append('\n![objective per step](adaptation-curves.png)')
+    paths['sharing'] = str(folder / 'sharing.md')
+    atomic_write_bytes(('\n'.join(lines) + f'\n\nThis file: `python -m timm_isomix.experiments.task_report '
+                        f'{study.name}`.\n').encode(), paths['sharing'])
+    return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m timm_isomix.experiments.task_report', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('study', choices=sorted(STUDIES))
+    p.add_argument('--scale', default='cpu')
+    args = p.parse_args(argv)
+    try:
+        paths = write_task_report(args.study, args.scale)
+    except FileNotFoundError as e:
+        print(f'task_report: error: {e}', file=sys.stderr)
+        return 2
+    print('\n'.join(f'{k}: {v}' for k, v in paths.items()))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
