@@ -66,7 +66,10 @@ def _adapt(model, sources, config, seed, scale, adapt, held, source_images):
         curve = adapt_target(m, TARGET['name'], adapt, source_images if align != 'none' else None,
                              batch_size=scale.batch_size, align=align, align_weight=w, stats=config['stats'],
                              seed=seed, **ADAPT)
-        cands.append({'weight': w, 'score': label_free_score(m, TARGET['name'], held), 'decreased': loss_decreased(curve),
+        # The adversarial objective is a game (its alignment term rises as the discriminator learns): there
+        # the information-maximisation term must decrease; elsewhere the whole objective.
+        decreased = loss_decreased(curve, 'im' if align == 'adversarial' else 'loss')
+        cands.append({'weight': w, 'score': label_free_score(m, TARGET['name'], held), 'decreased': decreased,
                       'curve': curve})
         models.append(m)
     chosen = select_candidate([{k: c[k] for k in ('score', 'decreased')} for c in cands])  # no label in sight
