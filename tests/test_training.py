@@ -1,5 +1,6 @@
 """train.py and timm_isomix.train: the optimizer groups, checkpoints, resume after a real kill, torchrun on CPU."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,7 +207,10 @@ def test_main_job_script_trains_validates_and_prints_accuracy_and_heatmap(shared
     result = subprocess.run(['bash', str(ROOT / 'main_job.sh')], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[-2].startswith('main job: isomix_iso_64_8_p2 top-1 ') and 'on 20 validation images' in lines[-2]
+    assert lines[-3].startswith('main job: 4 templates, 8 learned-mixture layers (reuse 2): top-1 ')
+    assert 'the same parameters at 4 layers (reuse 1): top-1 ' in lines[-3]
+    moved = re.match(r'mixtures moved: mean entropy ([\d.]+) -> ([\d.]+) nats \(uniform 1.386\); (\d) of 8 layers', lines[-2])
+    assert moved and float(moved.group(1)) > 1.2  # a near-uniform start (U(0, 1) logits)
     heatmap = Path(lines[-1].removeprefix('mixture heatmap: '))
     assert heatmap.is_file() and heatmap.parent.parent == tmp_path / 'out'
     bad = subprocess.run(['bash', str(ROOT / 'main_job.sh'), str(tmp_path / 'missing')], capture_output=True,
