@@ -17,6 +17,7 @@ Writes JSON (`--out`) and prints a table.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         'command': 'python -m timm_isomix.tools.bench_routing ' + ' '.join(args.argv),
         'machine': {'cpu': platform.processor() or platform.machine(), 'threads': torch.get_num_threads(),
+                    'load_average_1_5_15min': [round(v, 2) for v in os.getloadavg()],
                     'torch': torch.__version__, 'allocator_retains_freed_memory': retained},
         'batch': args.batch, 'img_size': 32, 'reps': args.reps, 'steps': args.steps,
         'target_ratio': TARGET, 'results': results,
