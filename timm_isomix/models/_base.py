@@ -11,10 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import create_classifier, get_device_dtype
+from timm.models._features import FeatureGetterNet  # timm.models exports no public name for it
 
 from ..bank import Mixture
 
-__all__ = ['IsoMixModel', 'Order', 'normalize_order', 'base_cfg', 'PAPER_ID']
+__all__ = ['IsoMixModel', 'FeatureGetter', 'Order', 'normalize_order', 'base_cfg', 'PAPER_ID']
 
 # Zhmoginov, Bashkirova, Sandler, "Compositional Models: Multi-Task Learning and Knowledge Transfer with
 # Modular Networks", 2021 (ICLR 2021 submission, OpenReview paUVOwaXTAR)
@@ -55,6 +56,16 @@ def base_cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
+class FeatureGetter(FeatureGetterNet):
+    """The `features_only` wrapper of isomix models: timm's FeatureGetterNet (features from
+    forward_intermediates, since executed layers reuse the bank's modules), plus `set_grad_checkpointing`,
+    which timm 1.0.31's lacks and detection / segmentation pipelines call on their backbones."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
 class IsoMixModel(nn.Module):
     """timm's classifier contract for a model with `num_features`, `global_pool`, `drop_rate` and a classifier."""
 
@@ -62,7 +73,8 @@ class IsoMixModel(nn.Module):
     num_classes: int
     num_features: int
     drop_rate: float
-    global_pool: nn.Module
+    # global_pool (a timm SelectAdaptivePool2d) is set by _init_head; not annotated here, since TorchScript
+    # reads class annotations and rejects nn.Module as one, failing before it reaches the actual reason
 
     def _init_head(self, num_classes: int, global_pool: str, device=None, dtype=None) -> None:
         self.num_classes = num_classes

@@ -20,7 +20,7 @@ from timm.models._features import feature_take_indices  # timm.models exports no
 
 from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, cyclic_order
 from ..blocks import BasicLayer
-from ._base import IsoMixModel, Order, base_cfg, normalize_order
+from ._base import FeatureGetter, IsoMixModel, Order, base_cfg, normalize_order
 from ._hub import pretrained_kwargs, published_cfg
 from .routing import TaskIds, build_router
 
@@ -221,7 +221,7 @@ def _create_isomix_iso(variant: str, pretrained: bool = False, **kwargs) -> IsoM
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
         IsoMixNet, variant, pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        feature_cfg=dict(out_indices=out_indices, feature_cls=FeatureGetter),
         **pretrained_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn),  # _hub.py: weights found, checked
     )
 

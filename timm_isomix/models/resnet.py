@@ -27,7 +27,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
 from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, cyclic_order
 from ..blocks import BasicLayer, BottleneckLayer
-from ._base import IsoMixModel, Order, base_cfg, normalize_order
+from ._base import FeatureGetter, IsoMixModel, Order, base_cfg, normalize_order
 from ._hub import pretrained_kwargs
 from .routing import Router, TaskIds, build_router
 from .warm_start import checkpoint_filter_fn, is_resnet_state_dict, resnet_to_isomix, warm_start_schedule
@@ -321,7 +321,7 @@ class IsoMixResNet(IsoMixModel):
 def _create_isomix_resnet(variant: str, pretrained: bool = False, **kwargs) -> IsoMixResNet:
     return build_model_with_cfg(  # pretrained_kwargs: weights found and checked before timm loads them
         IsoMixResNet, variant, pretrained,
-        feature_cfg=dict(feature_cls='getter'),  # layers reuse modules: features come from forward_intermediates
+        feature_cfg=dict(feature_cls=FeatureGetter),  # layers reuse modules: features come from forward_intermediates
         **pretrained_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn, kwargs_fn=warm_start_schedule),
     )
 
