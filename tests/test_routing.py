@@ -97,12 +97,32 @@ def test_grouped_execution_equals_running_every_example_on_its_own_template():
     templates = bank.unflatten_rows(bank.weight, bank.affine, bank.num_templates)
     x = torch.randn(12, 16, 4, 4)
     index = torch.tensor([3, 0, 0, 2, 3, 1, 1, 0, 2, 2, 3, 0])
-    gate = torch.rand(12)
+    gate = torch.ones(12)  # a straight-through gate is 1 in value
     with torch.no_grad():
         y = run_routed(layer, x, templates, index, gate)
         for b in range(12):
             ref = layer(x[b:b + 1], templates[index[b]]) * gate[b]
             torch.testing.assert_close(y[b:b + 1], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_straight_through_gate_is_exactly_one_forward_and_gives_the_products_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model('isomix_iso_64_8_p2', order=[0] * 8, **SMALL).eval()
+    layer, bank = model.schedule.layers[0], model.bank
+    templates = bank.unflatten_rows(bank.weight, bank.affine, bank.num_templates)
+    x, index = torch.randn(6, 16, 4, 4), torch.tensor([1, 3, 1, 0, 3, 1])
+    grads = []
+    for fused in (True, False):
+        p = torch.rand(6, requires_grad=True)
+        gate = 1. + p - p.detach()
+        y = run_routed(layer, x, templates, index, gate if fused else None)
+        if fused:
+            assert torch.equal(y, run_routed(layer, x, templates, index))
+        else:
+            y = y * gate.view(-1, 1, 1, 1)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append(p.grad)
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_gradients_reach_only_the_templates_that_ran_and_every_bank_row_has_a_gradient():

@@ -223,6 +223,21 @@ def _scheduled_templates(mixture: Mixture) -> List[int]:
     return mixture.argmax_order()
 
 
+class _StraightThroughGate(torch.autograd.Function):
+    """y * gate for a gate that is 1 in value (1 + p - stopgrad(p)): y itself forward, so no multiply and
+    exactly y; backward the product's gradients, grad_y unchanged and grad_gate = sum(grad_y * y) per example."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, = ctx.saved_tensors
+        return grad, (grad * y).flatten(1).sum(1)
+
+
 # route(l, x) -> (template index per example (B,), gate per example (B,) or None): a router's decision at layer l
 Route = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -241,7 +256,8 @@ def run_routed(
     template the batch runs as it is, so a route fixed for the whole batch computes exactly that hard order.
     In training, each group is normalized with its own batch statistics and updates the layer's running
     statistics (one set per executed layer, whichever template runs there, as with the mixtures).
-    `gate` (B,), if given, scales each example's output (straight-through gradients to a router; 1 forward).
+    `gate` (B,), if given, is 1 in value and carries a router's straight-through gradient: the output is
+    y * gate, computed as y forward (see _StraightThroughGate).
     The group sizes are data: FX symbolic tracing cannot follow this and fails at `tolist()`.
     """
     counts = torch.bincount(index, minlength=len(templates)).tolist()
@@ -254,7 +270,7 @@ def run_routed(
         y = torch.cat([layer(g, templates[k]) for k, g in zip(used, groups)])
         y = torch.empty_like(y).index_copy(0, perm, y)
     if gate is not None:
-        y = y * gate.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        y = _StraightThroughGate.apply(y, gate)
     return y
 
 
