@@ -26,7 +26,6 @@ register(Study(
         'cyclic4-m10': _config('cyclic', 10., init_logit=4.),
         'cyclic16-m10': _config('cyclic', 10., init_logit=16.),
         'random-m1': _config('random', 1.),
-        'random-m30': _config('random', 30.),
         'random-m10-t0.5': _config('random', 10., temperature=0.5),
     },
     run=train_classifier,

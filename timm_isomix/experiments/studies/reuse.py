@@ -1,6 +1,6 @@
 """Claim (d): at a fixed parameter count, does running each template more often (reuse) raise accuracy?
 
-One bank of K = 4 templates (isometric net, width 64, 8x8 tokens) executed K, 2K or 3K times with
+One bank of K = 4 templates (isometric net, width 48, 8x8 tokens) executed K, 2K or 3K times with
 learned mixtures; a hard cyclic order at reuse 2 (reuse without mixing); and the unshared network of
 depth 2K (8 templates run once each: what twice the parameters buy). Same recipe and epochs for all.
 """
@@ -15,7 +15,7 @@ MIXTURE_LR_MULT = 10.
 
 def _configs(data: str):
     base = dict(model='isomix_iso_64_8_p2', data=data, mixture_lr_mult=MIXTURE_LR_MULT)
-    trunk = dict(width=64, patch_size=4, num_templates=K)
+    trunk = dict(width=48, patch_size=4, num_templates=K)
     return {
         'reuse1': dict(base, model_kwargs=dict(trunk, depth=K, **MIXTURE)),
         'reuse2': dict(base, model_kwargs=dict(trunk, depth=2 * K, **MIXTURE)),
@@ -28,9 +28,9 @@ def _configs(data: str):
 for data, classes in (('miniimagenet32', 100), ('cifar10', 10)):
     register(Study(
         name=f'reuse-{data}',
-        description=f'Claim (d) on {data} ({classes} classes; 25k training images, 5 epochs): reuse 1, 2, 3 of '
+        description=f'Claim (d) on {data} ({classes} classes; 15k training images, 4 epochs): reuse 1, 2, 3 of '
                     f'K={K} templates at equal parameters, a hard cyclic order, and the unshared depth-{2 * K} net.',
         configs=_configs(data),
         run=train_classifier,
-        scale=Scale(epochs=5, train_limit=25000, val_limit=5000, batch_size=64),
+        scale=Scale(epochs=4, train_limit=15000, val_limit=5000, batch_size=64),
     ))
