@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 
 from helpers import ROOT, load_script, make_tiny_folder
@@ -48,26 +49,69 @@ def test_validate_py_rebuilds_the_checkpoint_schedule_and_reproduces_train_eval(
 def test_a_checkpoint_folder_is_validated_file_by_file_into_csv(trained, tmp_path, capsys):
     data, run = trained
     out = tmp_path / 'r.csv'
-    assert validate_script.main(['--checkpoint', str(run), '--data-dir', str(data), '--split', 'val', '-j', '0',
-                                 '--results-file', str(out)]) == 0
-    rows = list(csv.DictReader(out.open()))
-    names = sorted(os.path.basename(r['checkpoint']) for r in rows)
-    assert names == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
-    assert all(0. <= float(r['top1']) <= float(r['top5']) <= 100. for r in rows)
-    last = next(r for r in rows if r['checkpoint'].endswith('last.pth.tar'))
-    best = next(r for r in rows if r['checkpoint'].endswith('checkpoint-1.pth.tar'))
-    assert last['top1'] == best['top1']  # the same weights, read from two files
+    assert validate_script.main(['--checkpoint', str(run), '--use-ema', '--data-dir', str(data), '--split', 'val',
+                                 '-j', '0', '--results-file', str(out)]) == 0
+    rows = {os.path.basename(r['checkpoint']): r for r in csv.DictReader(out.open())}
+    assert sorted(rows) == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    for name, row in rows.items():  # each row is its own file's weights: train.py's evaluation of that epoch
+        stored = torch.load(run / name, map_location='cpu', weights_only=True)['results']
+        assert float(row['top1']) == pytest.approx(stored['top1'], abs=1e-3), name
+        assert float(row['loss']) == pytest.approx(stored['loss'], abs=1e-5), name
+    # the two epochs' weights differ, so the rows above could not match by reading one file twice
+    assert abs(float(rows['checkpoint-0.pth.tar']['loss']) - float(rows['checkpoint-1.pth.tar']['loss'])) > 1e-4
 
 
-def test_a_model_name_pattern_validates_every_matching_model(trained, tmp_path, capsys):
+@pytest.fixture
+def resnet18_on_the_hub(tmp_path, monkeypatch):
+    """timm's resnet18 tags (a1_in1k, tv_in1k) as an offline Hugging Face cache holding stand-in weights
+    (random, with non-trivial BN statistics)."""
+    import huggingface_hub.constants as hf_constants
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    resnet = timm.create_model('resnet18')
+    with torch.no_grad():
+        for m in resnet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+    for tag in ('a1_in1k', 'tv_in1k'):
+        snapshot = tmp_path / 'hub' / f'models--timm--resnet18.{tag}' / 'snapshots' / ('0' * 40)
+        snapshot.mkdir(parents=True)
+        (snapshot.parent.parent / 'refs').mkdir()
+        (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
+        save_file(resnet.state_dict(), str(snapshot / 'model.safetensors'))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+
+
+def _validate(data, tmp_path, model, name):
+    out = tmp_path / f'{name}.json'
+    assert validate_script.main(['--model', model, '--data-dir', str(data), '--split', 'val', '--img-size', '32',
+                                 '-j', '0', '--results-file', str(out), '--results-format', 'json']) == 0
+    return json.loads(out.read_text())
+
+
+def _numbers(row):
+    return row['top1'], row['top5'], row['loss']
+
+
+def test_without_a_checkpoint_a_model_is_validated_with_its_pretrained_weights(trained, resnet18_on_the_hub, tmp_path):
+    """As timm's validate.py: --pretrained is implied. The warm-start tag computes its source ResNet exactly,
+    so isomix_resnet18 (its default tag, a1_in1k) validates to the very numbers of timm's resnet18.a1_in1k."""
     data, _ = trained
-    out = tmp_path / 'bulk.json'
-    assert validate_script.main(['--model', 'isomix_iso_*_p2', '--num-classes', '10', '--img-size', '16',
-                                 '--data-dir', str(data), '--split', 'val', '-j', '0', '--results-file', str(out),
-                                 '--results-format', 'json']) == 0
-    rows = json.loads(out.read_text())
-    assert [r['model'] for r in rows] == ['isomix_iso_64_8_p2', 'isomix_iso_128_16_p2']
-    assert all(r['samples'] == 30 for r in rows)
+    (isomix,) = _validate(data, tmp_path, 'isomix_resnet18', 'isomix')
+    (resnet,) = _validate(data, tmp_path, 'resnet18.a1_in1k', 'resnet')
+    assert _numbers(isomix) == _numbers(resnet)  # two random initialisations would not agree
+
+
+def test_a_model_name_pattern_validates_the_matching_models_with_pretrained_weights(trained, resnet18_on_the_hub,
+                                                                                   tmp_path):
+    data, _ = trained
+    rows = _validate(data, tmp_path, 'isomix_resnet18*', 'bulk')
+    assert [r['model'] for r in rows] == ['isomix_resnet18.a1_in1k', 'isomix_resnet18.tv_in1k']  # the tags
+    assert all(r['samples'] == 30 and 'error' not in r for r in rows)
+    (resnet,) = _validate(data, tmp_path, 'resnet18.tv_in1k', 'resnet')  # its own preprocessing (bilinear, 0.875)
+    assert _numbers(rows[1]) == _numbers(resnet)
 
 
 def test_use_ema_without_ema_weights_is_an_error(trained, tmp_path, capsys):

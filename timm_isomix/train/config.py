@@ -1,10 +1,13 @@
 """Command-line and YAML configuration of train.py, with timm's flag names and meanings.
 
 Flags are spelled as in timm's own `train.py` (a timm hparams YAML uses the flag's `dest` as key,
-e.g. `batch_size`, `model_ema_decay`), so a timm recipe runs unchanged. Unlike timm, a YAML key
-that is not a flag, or a value of the wrong type, is an error rather than silently ignored. Keys that
-older timm versions wrote into `args.yaml` but that no longer change anything (`apex_amp`,
-`native_amp`, `bn_tf`, ...) are accepted when they hold their inert value.
+e.g. `batch_size`, `model_ema_decay`), so a timm recipe or a timm `args.yaml` runs unchanged. YAML values
+are read as timm's argparse reads them: a string is converted by the flag's type (PyYAML reads `3e-4`
+as a string), and a whole float is accepted for an integer flag (`warmup_epochs: 5.0`). Keys of timm's
+train.py (current or older) whose feature this trainer lacks (NaFlex, distillation, wandb, ...) are
+accepted at timm's default value, which leaves the feature off, and refused otherwise. Unlike timm, a key
+that no train.py knows, or a value of the wrong type, is an error rather than silently ignored (a typo
+would otherwise train another recipe than the one written).
 
 Flags added for isomix: `--mixture-lr-mult`, `--tasks`, `--overwrite`, and the router group (Routing
 Networks: `--routing`, `--router`, `--router-lr`, `--router-*`), whose model settings become model kwargs
@@ -23,14 +26,28 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix: reported as one line, exit status 2."""
 
 
-# Keys written by older timm versions' args.yaml that the current timm train.py no longer has:
-# accepted when they hold the value that changes nothing, so old recipes run unchanged.
-LEGACY_KEYS = {
-    'apex_amp': False, 'native_amp': False, 'bn_tf': False, 'no_ddp_bb': False, 'tta': 0,
-    'local_rank': 0, 'save_images': False, 'log_wandb': False, 'torchscript': False,
+# Keys of timm's train.py (its main branch, aa4b5850, and older versions' args.yaml) whose feature this
+# trainer does not implement, with timm's default: accepted at that value (the feature stays off), so timm
+# recipes and args.yaml files run unchanged; any other value is refused, naming the key.
+INERT_KEYS = {
+    # older timm versions only
+    'apex_amp': False, 'native_amp': False, 'bn_tf': False,
+    # timm main
+    'no_ddp_bb': False, 'tta': 0, 'local_rank': 0, 'save_images': False, 'log_wandb': False, 'torchscript': False,
     'fuser': '', 'fast_norm': False, 'split_bn': False, 'jsd_loss': False, 'aug_splits': 0,
     'dataset_download': False, 'use_multi_epochs_loader': False, 'recovery_interval': 0,
     'epoch_repeats': 0., 'drop_connect': None, 'dataset_trust_remote_code': False,
+    'model_dtype': None, 'layer_decay_min_scale': 0, 'layer_decay_no_opt_scale': None, 'val_interval': 1,
+    'wandb_project': None, 'wandb_tags': [], 'wandb_resume_id': '',
+    'train_img_sizes': None, 'train_batch_sizes': None, 'train_size_probs': None, 'train_size_schedule': 'constant',
+    'train_size_schedule_spread': 0.65, 'train_size_random_mix': 0.1, 'train_batches_per_epoch': None,
+    'variable_batch_loss_scale': 'none',
+    'naflex_loader': False, 'naflex_train_seq_lens': [128, 256, 576, 784, 1024], 'naflex_max_seq_len': 576,
+    'naflex_patch_sizes': None, 'naflex_patch_size_probs': None, 'naflex_loss_scale': 'linear',
+    'naflex_patchify_channels_first': False,
+    'kd_model_name': None, 'kd_distill_type': 'logit', 'kd_loss_type': 'kl', 'distill_loss_weight': None,
+    'task_loss_weight': None, 'kd_temperature': 4.0, 'kd_student_feature_dim': None,
+    'kd_teacher_feature_dim': None, 'kd_token_distill_type': 'soft',
 }
 
 
@@ -54,6 +71,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def _add_dataset_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (deprecated in timm: use --data-dir)')
     g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
     g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>"), "" = folder')
     g.add_argument('--train-split', metavar='NAME', default='train')
@@ -61,7 +79,8 @@ def _add_dataset_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--train-num-samples', type=int, default=None, metavar='N')
     g.add_argument('--val-num-samples', type=int, default=None, metavar='N')
     g.add_argument('--class-map', default='', type=str, metavar='FILENAME')
-    g.add_argument('--input-img-mode', default=None, type=str)
+    g.add_argument('--input-img-mode', default=None, type=str,
+                   help='PIL mode images are read in; default: RGB for 3 input channels, else L (as timm)')
     g.add_argument('--input-key', default=None, type=str)
     g.add_argument('--target-key', default=None, type=str)
 
@@ -103,6 +122,8 @@ def _add_device_distributed_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--amp', action='store_true', default=False, help='mixed precision (autocast)')
     g.add_argument('--amp-dtype', default='float16', type=str, choices=['float16', 'bfloat16'])
     g.add_argument('--synchronize-step', action='store_true', default=False)
+    g.add_argument('--device-modules', default=None, type=str, nargs='+',
+                   help='modules imported before the device is set up (device backends; as timm)')
 
 
 def _add_optimizer_args(g: argparse._ArgumentGroup) -> None:
@@ -259,12 +280,38 @@ def _type_name(action: argparse.Action) -> str:
     return kind
 
 
-def _check_scalar(value: Any, kind) -> bool:
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, str)
+def _scalar(value: Any, kind) -> Any:
+    """`value` as the flag's type: strings converted as argparse converts them, whole floats for integer
+    flags. Raises ValueError (or TypeError) when it does not fit."""
+    if isinstance(value, bool) or (kind is not str and value is None):
+        raise TypeError(value)
+    if isinstance(value, str) and kind in (int, float):
+        return kind(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is int and isinstance(value, int) or kind is float and isinstance(value, (int, float)):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise TypeError(value)
+
+
+def _value(action: argparse.Action, value: Any) -> Any:
+    """A YAML value for `action`, as its type; ValueError or TypeError when it does not fit."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        return value
+    kind = action.type or str
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if not isinstance(value, (list, tuple)) or (isinstance(action.nargs, int) and len(value) != action.nargs):
+            raise TypeError(value)
+        return [_scalar(v, kind) for v in value]
+    return _scalar(value, kind)
 
 
 def check_config(cfg: Dict[str, Any], parser: argparse.ArgumentParser, source: str = 'config') -> Dict[str, Any]:
@@ -278,31 +325,22 @@ def check_config(cfg: Dict[str, Any], parser: argparse.ArgumentParser, source: s
     defaults = {}
     for key, value in cfg.items():
         key = str(key).replace('-', '_')
+        if key == 'config':  # the args.yaml of a run names the file it was configured from
+            continue
         if key not in actions:
-            if key in LEGACY_KEYS:
-                if value not in (LEGACY_KEYS[key], None):
+            if key in INERT_KEYS:
+                if value not in (INERT_KEYS[key], None):
                     raise ConfigError(
                         f'{source}: key {key!r}={value!r} is not supported by this train.py '
-                        f'(only {LEGACY_KEYS[key]!r} is accepted)')
+                        f'(only timm\'s default {INERT_KEYS[key]!r}, which leaves it off, is accepted)')
                 continue
             raise ConfigError(f'{source}: unknown key {key!r} (not a train.py flag; see train.py --help)')
         action = actions[key]
         if value is not None:
-            expected = _type_name(action)
-            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                ok = isinstance(value, bool)
-            elif isinstance(action, ParseKwargs):
-                ok = isinstance(value, dict)
-            elif action.nargs in ('+', '*') or isinstance(action.nargs, int):
-                ok = isinstance(value, (list, tuple)) and all(_check_scalar(v, action.type or str) for v in value)
-                if ok and isinstance(action.nargs, int):
-                    ok = len(value) == action.nargs
-            elif action.nargs == '?':
-                ok = _check_scalar(value, action.type or str)
-            else:
-                ok = _check_scalar(value, action.type or str)
-            if not ok:
-                raise ConfigError(f'{source}: key {key!r} must be {expected}, got {value!r}')
+            try:
+                value = _value(action, value)
+            except (TypeError, ValueError):
+                raise ConfigError(f'{source}: key {key!r} must be {_type_name(action)}, got {value!r}') from None
             if action.choices is not None and value not in action.choices:
                 raise ConfigError(f'{source}: key {key!r} must be one of {list(action.choices)}, got {value!r}')
         defaults[key] = value
@@ -332,6 +370,8 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Nam
         parser.set_defaults(**check_config(load_config(args_config), parser, source=args_config))
     args = parser.parse_args(remaining)
     args.config = args_config
+    if args.data and not args.data_dir:  # timm's deprecated positional DIR
+        args.data_dir = args.data
     fold_router_args(args)
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 

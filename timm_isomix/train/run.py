@@ -1,6 +1,9 @@
 """The whole run of train.py, built on timm's public API (timm.data, timm.loss, timm.optim,
 timm.scheduler, timm.utils), aware of isomix mixtures.
 
+Data, model and loading follow timm's train.py: images are read in the mode the resolved data config asks
+for (`--input-img-mode`, else 'RGB' for 3 channels and 'L' otherwise), `--input-size C H W` sets the
+model's input channels, `--torchcompile` compiles before DDP (checkpoints keep the plain model's keys).
 What differs from a plain timm run:
 - the mixture logits form their own optimizer group: no weight decay, lr * `--mixture-lr-mult`;
 - each epoch logs the mixtures (per layer: entropy of alpha, leading template) and writes `mixtures.png`;
@@ -10,6 +13,7 @@ What differs from a plain timm run:
   takes the same path as one that was never stopped (with `-j 0`; worker processes keep their own state).
 """
 import argparse
+import importlib
 import logging
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -19,7 +23,8 @@ import torch.nn as nn
 import yaml
 
 import timm
-from timm.data import Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data import ImageDataset, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.layers import convert_sync_batchnorm
 from timm.loss import create_classification_loss
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, random_seed, trim_summary, update_summary
@@ -29,14 +34,31 @@ from .checkpoint import (
     CheckpointKeeper, atomic_write_bytes, check_against_checkpoint, load_checkpoint_file, make_output_dir,
     model_args_of, plain)
 from .config import ConfigError
-from .distributed import is_primary, setup_distributed, unwrap
+from .distributed import is_primary, setup_distributed
 from .loop import evaluate, train_one_epoch
 from .mixture_log import log_mixtures, write_mixture_heatmap
 from .optim import create_optimizer, resolve_lr
 
-__all__ = ['train']
+__all__ = ['train', 'input_img_mode', 'input_chans']
 
 _logger = logging.getLogger('train')
+
+
+def input_img_mode(args: argparse.Namespace, data_config: Dict[str, Any]) -> str:
+    """The PIL mode images are read in, as timm's train.py and validate.py choose it: --input-img-mode, else
+    'RGB' when the resolved data config has 3 channels and 'L' otherwise (a grayscale folder for an RGB model
+    is read as RGB)."""
+    if args.input_img_mode:
+        return args.input_img_mode
+    return 'RGB' if data_config['input_size'][0] == 3 else 'L'
+
+
+def input_chans(args: argparse.Namespace) -> Optional[int]:
+    """The model's input channels as timm's scripts set them: --in-chans, else --input-size's first value
+    (None: the model's default or the checkpoint's)."""
+    if args.in_chans is not None:
+        return args.in_chans
+    return args.input_size[0] if args.input_size else None
 
 
 def _check_data_dir(args: argparse.Namespace) -> None:
@@ -72,25 +94,39 @@ def _read_checkpoints(args: argparse.Namespace) -> Tuple[Optional[Dict[str, Any]
     return resume_ckpt, model_args, resume_dir
 
 
-def _create_datasets(args: argparse.Namespace, model_args: Dict[str, Any]):
-    """Train and eval datasets; the class count of a folder dataset is the model's default number of classes."""
-    dataset_kwargs = dict(class_map=args.class_map, batch_size=args.batch_size, seed=args.seed,
-                          input_img_mode=args.input_img_mode, input_key=args.input_key, target_key=args.target_key)
+def _create_dataset(args: argparse.Namespace, training: bool, img_mode: Optional[str]):
+    split, num_samples = (args.train_split, args.train_num_samples) if training else (args.val_split, args.val_num_samples)
     try:
-        dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                                       num_samples=args.train_num_samples, **dataset_kwargs)
-        dataset_eval = None
-        if args.val_split:
-            dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                                          num_samples=args.val_num_samples, **dataset_kwargs)
+        dataset = create_dataset(
+            args.dataset, root=args.data_dir, split=split, is_training=training, num_samples=num_samples,
+            class_map=args.class_map, batch_size=args.batch_size, seed=args.seed, input_img_mode=img_mode,
+            input_key=args.input_key, target_key=args.target_key)
     except (FileNotFoundError, RuntimeError, AssertionError) as e:
         raise ConfigError(f'cannot read dataset {args.dataset or "(folder)"} at {args.data_dir}: {e}') from None
-    if len(dataset_train) == 0:
+    if training and len(dataset) == 0:
         raise ConfigError(f'no training images found in {args.data_dir} (split {args.train_split!r})')
-    if 'num_classes' not in model_args and args.num_classes is None:
-        args.num_classes = _num_classes_of(dataset_train)
-        if args.num_classes is not None:
-            _logger.info(f'--num-classes not given: {args.num_classes} classes found in the training split')
+    return dataset
+
+
+def _count_classes(args: argparse.Namespace, model_args: Dict[str, Any]):
+    """With neither --num-classes nor a checkpoint's class count, the training folder's classes set the model's
+    (timm's script keeps the model default). Returns the training dataset read for it, or None."""
+    if 'num_classes' in model_args or args.num_classes is not None:
+        return None
+    dataset_train = _create_dataset(args, True, img_mode=None)  # the mode is set once the model is known
+    args.num_classes = _num_classes_of(dataset_train)
+    if args.num_classes is not None:
+        _logger.info(f'--num-classes not given: {args.num_classes} classes found in the training split')
+    return dataset_train
+
+
+def _create_datasets(args: argparse.Namespace, img_mode: str, dataset_train=None):
+    """Train and eval datasets reading images in `img_mode`; `dataset_train`: the one _count_classes read."""
+    if isinstance(dataset_train, ImageDataset):
+        dataset_train.input_img_mode = img_mode  # an ImageDataset converts each image as it reads it
+    else:
+        dataset_train = _create_dataset(args, True, img_mode)
+    dataset_eval = _create_dataset(args, False, img_mode) if args.val_split else None
     return dataset_train, dataset_eval
 
 
@@ -98,14 +134,14 @@ def _create_model(args: argparse.Namespace, model_args: Dict[str, Any]) -> nn.Mo
     """The model from its name, the checkpoint's kwargs (schedule included), --model-kwargs and timm's flags."""
     create_kwargs = dict(model_args)
     create_kwargs.update(args.model_kwargs or {})
-    for key, value in (('num_classes', args.num_classes), ('in_chans', args.in_chans), ('global_pool', args.gp),
+    for key, value in (('num_classes', args.num_classes), ('in_chans', input_chans(args)), ('global_pool', args.gp),
                        ('drop_rate', args.drop), ('drop_path_rate', args.drop_path),
                        ('drop_block_rate', args.drop_block), ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
         if value is not None and not (key == 'drop_rate' and value == 0.):
             create_kwargs[key] = value
     try:
-        model = timm.create_model(
-            args.model, pretrained=args.pretrained, pretrained_cfg_overlay=dict(file=args.pretrained_path)
+        model = timm.create_model(  # --pretrained-path: timm's overlay, num_classes=-1 always adapts the head
+            args.model, pretrained=args.pretrained, pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1)
             if args.pretrained_path else None, checkpoint_path=args.initial_checkpoint or None, **create_kwargs)
     except TypeError as e:
         raise ConfigError(f'model {args.model!r} does not accept these arguments: {e}') from None
@@ -177,7 +213,7 @@ def _create_scheduler(args, optimizer, updates_per_epoch: int, start_epoch: int,
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
         updates_per_epoch=updates_per_epoch)
-    if args.start_epoch is not None and resume_ckpt is None:
+    if args.start_epoch is not None:  # as timm: an explicit start epoch overrides the resumed one
         start_epoch = args.start_epoch
     if lr_scheduler is not None:
         if resume_ckpt is not None and not args.no_resume_opt and resume_ckpt.get('scheduler'):
@@ -200,6 +236,8 @@ class _Run:
 
     def __init__(self, args: argparse.Namespace, args_text: Optional[str]):
         self.args = args
+        for module in getattr(args, 'device_modules', None) or ():  # device backends (e.g. torch_npu), as timm
+            importlib.import_module(module)
         self.device = device = setup_distributed(args)
         if args.distributed:
             _logger.info(f'Distributed: process {args.rank} of {args.world_size}, device {device}')
@@ -208,33 +246,15 @@ class _Run:
         random_seed(args.seed, args.rank)
         _check_data_dir(args)
         resume_ckpt, model_args, resume_dir = _read_checkpoints(args)
-        dataset_train, dataset_eval = _create_datasets(args, model_args)
-        self.output_dir = make_output_dir(args, device, resume_dir)
+        dataset_train = _count_classes(args, model_args)
         model = _create_model(args, model_args)
         self.num_classes = model.num_classes
-        self.in_chans = getattr(model, 'in_chans', None) or (args.in_chans or 3)
+        self.in_chans = getattr(model, 'in_chans', None) or input_chans(args) or 3
         self.data_config = resolve_data_config(vars(args), model=model, verbose=is_primary(args))
-        model.to(device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if args.distributed and args.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        resolve_lr(args)
-        self.optimizer = create_optimizer(model, args)
-        self.loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' else None
-        start_epoch = _restore(resume_ckpt, args, model, self.optimizer, self.loss_scaler)
-        self.model_ema = None
-        if args.model_ema:
-            self.model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                                        device='cpu' if args.model_ema_force_cpu else None)
-            if resume_ckpt is not None and resume_ckpt.get('state_dict_ema') is not None:
-                self.model_ema.module.load_state_dict(resume_ckpt['state_dict_ema'])
-        if args.distributed:
-            # device_ids only on CUDA: DDP rejects device_ids for CPU modules (timm's script passes them).
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-        if args.torchcompile:
-            model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
-        self.model = model
+        dataset_train, dataset_eval = _create_datasets(args, input_img_mode(args, self.data_config), dataset_train)
+        self.output_dir = make_output_dir(args, device, resume_dir)
+        self.module = model  # the bare model (no DDP or compile wrapper): checkpoints, mixture logs
+        start_epoch = self._setup_training(model, resume_ckpt)
         self.loader_train, self.loader_eval, self.mixup_fn = _create_loaders(
             args, self.data_config, dataset_train, dataset_eval, device, self.num_classes)
         self.train_loss_fn = create_classification_loss(
@@ -255,9 +275,41 @@ class _Run:
             trim_summary(self.summary, self.start_epoch)
             atomic_write_bytes((args_text or yaml.safe_dump(vars(args))).encode(),
                                os.path.join(self.output_dir, 'args.yaml'))
-            log_mixtures(unwrap(model), self.start_epoch - 1)
+            log_mixtures(self.module, self.start_epoch - 1)
         self.results = dict(resume_ckpt.get('results') or {}) if resume_ckpt is not None else {}
         self.metric = resume_ckpt.get('metric') if resume_ckpt is not None else None
+
+    def _setup_training(self, model: nn.Module, resume_ckpt: Optional[Dict[str, Any]]) -> int:
+        """Device, sync BN, optimizer, AMP scaler, EMA, then compile and DDP as timm orders them; sets
+        self.model (what trains) and self.ema_eval (what evaluates the EMA). Returns the first epoch."""
+        args, device = self.args, self.device
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if args.distributed and args.sync_bn:
+            args.dist_bn = ''  # synchronized statistics need no averaging after the epoch
+            model = self.module = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
+        resolve_lr(args)
+        self.optimizer = create_optimizer(model, args)
+        self.loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' else None
+        start_epoch = _restore(resume_ckpt, args, model, self.optimizer, self.loss_scaler)
+        self.model_ema = self.ema_eval = None
+        if args.model_ema:
+            self.model_ema = self.ema_eval = ModelEmaV3(
+                model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                device='cpu' if args.model_ema_force_cpu else None)
+            if resume_ckpt is not None and resume_ckpt.get('state_dict_ema') is not None:
+                self.model_ema.module.load_state_dict(resume_ckpt['state_dict_ema'])
+        if args.torchcompile:  # before DDP, as timm: DDP stays outside the graph; the EMA is compiled too
+            compile_kwargs = dict(backend=args.torchcompile, mode=args.torchcompile_mode)
+            model = torch.compile(model, **compile_kwargs)
+            if self.model_ema is not None:
+                self.ema_eval = torch.compile(self.model_ema.module, **compile_kwargs)
+        if args.distributed:
+            # device_ids only on CUDA: DDP rejects device_ids for CPU modules (timm's script passes them).
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+        self.model = model
+        return start_epoch
 
     def epoch(self, epoch: int) -> Tuple[Dict[str, float], Optional[Dict[str, float]]]:
         """Train one epoch, then evaluate (the EMA model too); return (train, eval) metrics."""
@@ -279,7 +331,7 @@ class _Run:
             if self.model_ema is not None and not args.model_ema_force_cpu:
                 if distribute:
                     distribute_bn(self.model_ema, args.world_size, args.dist_bn == 'reduce')
-                eval_metrics = evaluate(self.model_ema, self.loader_eval, self.eval_loss_fn, args, device,
+                eval_metrics = evaluate(self.ema_eval, self.loader_eval, self.eval_loss_fn, args, device,
                                         log_suffix=' (EMA)')
             self.metric = eval_metrics[args.eval_metric]
             self.results = {k: eval_metrics[k] for k in ('top1', 'top5', 'loss')}
@@ -289,7 +341,7 @@ class _Run:
 
     def save(self, epoch: int, train_metrics, eval_metrics) -> Optional[str]:
         """Rank 0: summary row, mixture log and heatmap, checkpoints. Returns the heatmap's path."""
-        args, model = self.args, unwrap(self.model)
+        args, model = self.args, self.module
         update_summary(epoch, {'loss': train_metrics['loss']}, eval_metrics or {}, filename=self.summary,
                        lr=_mean_lr(self.optimizer), write_header=not os.path.exists(self.summary))
         log_mixtures(model, epoch)
@@ -330,7 +382,7 @@ def train(args: argparse.Namespace, args_text: Optional[str] = None) -> Dict[str
         if args.distributed:
             torch.distributed.barrier()
     if is_primary(args) and heatmap is None:
-        heatmap = write_mixture_heatmap(unwrap(run.model), run.output_dir, run.num_epochs - 1)
+        heatmap = write_mixture_heatmap(run.module, run.output_dir, run.num_epochs - 1)
     if args.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

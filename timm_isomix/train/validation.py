@@ -2,6 +2,10 @@
 
 A train.py checkpoint rebuilds its own model: 'arch' and 'model_args' (schedule included) go to
 timm.create_model, and its 'data_config' is the evaluation preprocessing unless flags override it.
+As in timm's validate.py: without --checkpoint the pretrained weights are used (--pretrained is implied);
+a model pattern or `all` validates the models with pretrained weights (tags); a file of model names, one
+per line, validates those; images are read as --input-img-mode says, else 'RGB' for 3 channels and 'L'
+otherwise; --input-size C H W sets the model's input channels.
 """
 import argparse
 import csv
@@ -22,19 +26,25 @@ from timm.models import load_checkpoint
 from timm.utils import ParseKwargs, natural_key
 
 from .. import models  # noqa: F401  (registers the isomix models)
+from ..models._hub import PretrainedWeightsError
 from .checkpoint import load_checkpoint_file
 from .config import ConfigError
 from .loop import evaluate
+from .run import input_chans, input_img_mode
 
 __all__ = ['build_validate_parser', 'validate', 'validate_many', 'write_results']
 
 _logger = logging.getLogger('validate')
+
+# `all` skips these, as timm's validate.py does (weights not for ImageNet-1k's classes)
+NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
     """validate.py's parser: the flags of timm's validate.py that this script supports."""
     p = argparse.ArgumentParser(description='Validate an isomix (or any timm) model on an image folder / timm dataset',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (deprecated: use --data-dir)')
     p.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
     p.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>"), "" = folder')
     p.add_argument('--split', metavar='NAME', default='validation', help='dataset split')
@@ -44,8 +54,10 @@ def build_validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--input-key', default=None, type=str)
     p.add_argument('--target-key', default=None, type=str)
     p.add_argument('--model', '-m', metavar='NAME', default=None,
-                   help='model name, or a pattern ("isomix_*", "all") to validate many; default: the checkpoint\'s')
-    p.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained weights')
+                   help='model name, a pattern ("isomix_*", "all": models with pretrained weights) or a file of '
+                        'names to validate many; default: the checkpoint\'s')
+    p.add_argument('--pretrained', dest='pretrained', action='store_true',
+                   help='use pretrained weights (implied without --checkpoint)')
     p.add_argument('-j', '--workers', default=4, type=int, metavar='N')
     p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N')
     p.add_argument('--img-size', default=None, type=int, metavar='N')
@@ -100,10 +112,18 @@ def _build(args: argparse.Namespace, model_name: str, checkpoint: str, device: t
     if not timm.is_model(model_name):
         raise ConfigError(f'unknown model {model_name!r} (see timm.list_models("isomix_*"))')
     create_kwargs.update(args.model_kwargs or {})
-    for key, value in (('num_classes', args.num_classes), ('in_chans', args.in_chans), ('global_pool', args.gp)):
+    for key, value in (('num_classes', args.num_classes), ('in_chans', input_chans(args)), ('global_pool', args.gp)):
         if value is not None:
             create_kwargs[key] = value
-    model = timm.create_model(model_name, pretrained=args.pretrained, **create_kwargs)
+    # as timm's validate.py: a model without a checkpoint is validated with its pretrained weights
+    pretrained = args.pretrained or not checkpoint
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, **create_kwargs)
+    except (PretrainedWeightsError, OSError) as e:  # OSError: the Hub's download and offline errors
+        if not pretrained:
+            raise
+        raise ConfigError(f'{model_name}: cannot load its pretrained weights ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0]}); give --checkpoint to validate weights of your own') from None
     if ckpt is not None and 'state_dict' in ckpt:
         key = 'state_dict_ema' if args.use_ema else 'state_dict'
         if ckpt.get(key) is None:
@@ -123,6 +143,7 @@ def validate(args: argparse.Namespace, model_name: Optional[str] = None, checkpo
              ) -> Dict[str, Any]:
     """Validate one model; return timm's result row (top1, top1_err, top5, top5_err, param_count, ...)."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    args.data_dir = args.data_dir or args.data
     model_name = args.model if model_name is None else model_name
     checkpoint = args.checkpoint if checkpoint is None else checkpoint
     if not args.dataset or args.dataset.split('/', 1)[0] in ('folder', 'imagefolder'):
@@ -137,7 +158,7 @@ def validate(args: argparse.Namespace, model_name: Optional[str] = None, checkpo
         model = torch.compile(model, backend=args.torchcompile)
     try:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
-                                 num_samples=args.num_samples, input_img_mode=args.input_img_mode,
+                                 num_samples=args.num_samples, input_img_mode=input_img_mode(args, data_config),
                                  input_key=args.input_key, target_key=args.target_key)
     except (FileNotFoundError, RuntimeError, AssertionError) as e:
         raise ConfigError(f'cannot read split {args.split!r} of {args.data_dir}: {e}') from None
@@ -168,13 +189,17 @@ def _targets(args: argparse.Namespace) -> List[Tuple[Optional[str], str]]:
         if not files:
             raise ConfigError(f'no *.pth.tar or *.pth checkpoints in folder {args.checkpoint}')
         return [(args.model, c) for c in sorted(files, key=natural_key)]
+    if args.model and not timm.is_model(args.model) and os.path.isfile(args.model):
+        with open(args.model) as f:  # a file of model names, one per line (timm's validate.py)
+            return [(line.strip(), args.checkpoint) for line in f if line.strip()]
     if args.model and (args.model == 'all' or any(c in args.model for c in '*?[')):
         if args.checkpoint:
             raise ConfigError('a model pattern validates many models: give no --checkpoint (or a checkpoint folder)')
-        pattern = '*' if args.model == 'all' else args.model
-        names = timm.list_models(pattern, pretrained=args.pretrained)
+        # as timm: the models with pretrained weights (tags), ImageNet-1k ones for `all`
+        names = timm.list_models(pretrained=True, exclude_filters=NON_IN1K_FILTERS) if args.model == 'all' else \
+            timm.list_models(args.model, pretrained=True)
         if not names:
-            raise ConfigError(f'no {"pretrained " if args.pretrained else ""}models match {args.model!r}')
+            raise ConfigError(f'no models with pretrained weights match {args.model!r}')
         return [(n, '') for n in names]
     return [(args.model, args.checkpoint)]
 
