@@ -88,10 +88,12 @@ def fit_tasks(
         distributed: bool = False,
         log_fn=None,
         router_lr: Optional[float] = None,
+        steps_per_epoch: Optional[int] = None,
 ) -> List[dict]:
     """Train tasks jointly with balanced task sampling: every step takes one batch of every task.
 
-    An epoch has as many steps as the mean task has batches (small tasks cycle, large ones are
+    An epoch has as many steps as the mean task has batches (or `steps_per_epoch`, a compute budget that
+    leaves every task its whole training set to draw from; small tasks cycle, large ones are
     subsampled), so each task weighs the same whatever its size. The parameters requiring grad
     are trained (freeze the others first, as transfer.freeze_for_transfer does); with `frozen_stats`, BatchNorm statistics stay as they are
     (eval mode), e.g. for a linear probe. Returns per-epoch metrics: train loss/accuracy and val
@@ -109,7 +111,7 @@ def fit_tasks(
         raise ValueError('nothing to train: no parameter requires grad')
     optimizer = create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay)
     loaders = _loaders(train_sets, batch_size, seed, distributed)
-    steps = max(1, round(sum(len(l) for l in loaders.values()) / len(loaders)))
+    steps = steps_per_epoch or max(1, round(sum(len(l) for l in loaders.values()) / len(loaders)))
     scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=warmup_epochs,
                                        warmup_lr=lr * 0.01, min_lr=lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=steps)
