@@ -23,3 +23,13 @@ def make_tiny_folder(src: Path, dst: Path, train_per_class: int, val_per_class: 
             for f in sorted(os.listdir(src / split / cls))[:n]:
                 shutil.copy(src / split / cls / f, dst / split / cls / f)
     return dst
+
+
+def hub_cache_entry(cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of `repo_id` in a Hugging Face cache laid out as huggingface_hub lays it out (one
+    revision, `main`): files put there are what an offline `hf_hub_download(repo_id, ...)` returns."""
+    snapshot = cache / f"models--{repo_id.replace('/', '--')}" / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot.parent.parent / 'refs').mkdir(exist_ok=True)
+    (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
+    return snapshot

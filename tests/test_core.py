@@ -1,13 +1,19 @@
-"""The method: banks, mixtures, schedules; fixed parameter count; orders; warm start; bad input."""
+"""The method: banks, mixtures, schedules; fixed parameter count; orders; warm start and pretrained weights;
+initialisation; bad input."""
 import copy
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 import timm
+from safetensors.torch import save_file
 
 import timm_isomix  # noqa: F401
 from timm_isomix import BasicLayer, Mixture, Schedule, TemplateBank, resnet_to_isomix
+from timm_isomix.models.warm_start import FINE_TUNE_RECIPE
+
+from helpers import ROOT, hub_cache_entry
 
 RESNET_TEMPLATES = {'resnet18': (1, 1, 1, 1), 'resnet26': (1, 1, 1, 1), 'resnet50': (2, 3, 5, 2), 'resnet101': (2, 3, 22, 2)}
 
@@ -49,9 +55,26 @@ def test_mixed_parameters_are_the_alpha_weighted_sum_of_templates():
             torch.testing.assert_close(params[name], expected)
 
 
-def test_temperature_divides_the_logits():
-    mixture = Mixture(num_layers=2, num_templates=3, temperature=4.0)
-    torch.testing.assert_close(mixture.alpha(), torch.softmax(mixture.logits / 4.0, -1))
+def test_the_mixed_parameters_use_the_logits_divided_by_the_temperature():
+    bank = TemplateBank(BasicLayer.template_shapes(4), num_templates=3)
+    torch.nn.init.normal_(bank.weight)
+    torch.nn.init.normal_(bank.affine)
+    logits = torch.randn(2, 3)
+    mixed = {}
+    for temperature in (1.0, 4.0):
+        mixture = Mixture(num_layers=2, num_templates=3, temperature=temperature)
+        with torch.no_grad():
+            mixture.logits.copy_(logits)
+        alpha = torch.softmax(logits / temperature, -1)
+        torch.testing.assert_close(mixture.alpha(), alpha)
+        for training in (True, False):  # the training path, and eval's cached mixing
+            mixture.train(training)
+            with torch.set_grad_enabled(training):
+                weight, affine = mixture(bank.weight, bank.affine)
+            torch.testing.assert_close(weight, alpha @ bank.weight.detach())
+            torch.testing.assert_close(affine, alpha @ bank.affine.detach())
+        mixed[temperature] = weight
+    assert not torch.allclose(mixed[1.0], mixed[4.0])
 
 
 def test_initial_schedule_is_the_cyclic_order_as_learnable_logits():
@@ -201,9 +224,10 @@ def test_warm_start_reproduces_the_resnet(name):
             model = timm.create_model(f'isomix_{name}', **kwargs).eval()
             model.load_state_dict(resnet_to_isomix(resnet.state_dict(), model))
             diff = (model(x) - expected).abs().max().item()
-            # hard identity order: the templates run as they are; default soft logits: off-weights ~1e-7 each,
-            # compounding over depth (random BN statistics make these outputs large, up to ~1e4)
-            tol = 1e-4 if 'order' in kwargs else 1e-4 * expected.abs().max().item()
+            # hard identity order: the templates run as they are, the very operations of the ResNet (exact);
+            # soft logits: off-weights ~1e-7 each, compounding over depth (random BN statistics make these
+            # outputs large, up to ~1e4)
+            tol = 0. if 'order' in kwargs else 1e-4 * expected.abs().max().item()
             assert diff <= tol, f'{kwargs}: max abs difference {diff}'
 
 
@@ -219,21 +243,125 @@ def test_warm_start_with_reuse_2_gives_a_deeper_network_with_the_sources_statist
     assert torch.isfinite(model.eval()(torch.randn(1, 3, 64, 64))).all()
 
 
-def test_pretrained_tag_loads_the_resnet_weights_through_the_filter(tmp_path):
-    from safetensors.torch import save_file
-    resnet = timm.create_model('resnet18').eval()
+def _resnet_on_the_hub(name, tmp_path, monkeypatch):
+    """timm's `name` with random weights and BN statistics, stored offline as the Hub weights of the default tag
+    of isomix_`name` (timm's own ResNet tag), so `create_model(..., pretrained=True)` needs no other argument."""
+    import huggingface_hub.constants as hf_constants
+    torch.manual_seed(0)
+    resnet = timm.create_model(name).eval()
     _randomize_bn(resnet)
-    path = tmp_path / 'resnet18.safetensors'
-    save_file(resnet.state_dict(), str(path))
-    overlay = dict(file=str(path))
-    model = timm.create_model(
-        'isomix_resnet18.a1_in1k', pretrained=True, reuse=1, order=_identity_order('resnet18'),
-        pretrained_cfg_overlay=overlay).eval()
+    repo_id = timm.models.get_pretrained_cfg(f'isomix_{name}').hf_hub_id
+    save_file(resnet.state_dict(), str(hub_cache_entry(tmp_path / 'hub', repo_id) / 'model.safetensors'))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    return resnet
+
+
+@pytest.mark.parametrize('name', list(RESNET_TEMPLATES))
+def test_pretrained_without_other_arguments_is_the_source_resnet_exactly(name, tmp_path, monkeypatch, caplog):
+    resnet = _resnet_on_the_hub(name, tmp_path, monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        model = timm.create_model(f'isomix_{name}', pretrained=True).eval()
+    assert not caplog.records  # the ResNet itself: nothing to warn about
+    # one executed layer per template, in the hard identity order: the templates run as they are
+    assert [list(m.order) for m in model.mixtures().values()] == _identity_order(name)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), resnet(x), rtol=0, atol=1e-4)
-    deeper = timm.create_model('isomix_resnet18.a1_in1k', pretrained=True, reuse=2, pretrained_cfg_overlay=overlay)
-    assert [m.num_layers for m in deeper.mixtures().values()] == [2, 2, 2, 2]
+        assert torch.equal(model(x), resnet(x))
+
+
+def test_a_deeper_schedule_over_pretrained_weights_warns_that_it_is_a_starting_point_for_fine_tuning(
+        tmp_path, monkeypatch, caplog):
+    resnet = _resnet_on_the_hub('resnet50', tmp_path, monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        deeper = timm.create_model('isomix_resnet50', pretrained=True, reuse=2)
+    record, = caplog.records
+    assert record.levelno == logging.WARNING and record.name.startswith('timm_isomix.')
+    assert 'starting point for fine-tuning' in record.getMessage() and FINE_TUNE_RECIPE in record.getMessage()
+    assert (ROOT / FINE_TUNE_RECIPE).is_file()
+    assert [m.num_layers for m in deeper.mixtures().values()] == [4, 6, 10, 4]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # reuse=1 asks for the ResNet's depth: sharp learnable logits
+        model = timm.create_model('isomix_resnet50', pretrained=True, reuse=1).eval()
+    assert not caplog.records and all(m.logits is not None for m in model.mixtures().values())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), resnet(x), rtol=1e-4, atol=1e-4 * resnet(x).abs().max().item())
+
+
+# --- changing the schedule of a trained or warm-started model -----------------------------------------
+
+def _layer_stats(stage):
+    return [{k: v.clone() for k, v in layer.state_dict().items()} for layer in stage.schedule.layers]
+
+
+def test_set_schedule_keeps_each_layers_logits_and_statistics_where_its_template_stays(tmp_path, monkeypatch):
+    """A warm start made deeper: layers 0..K-1 run the same templates at the same places and keep everything;
+    layer l >= K starts as the first layer that ran its template (l mod K): its statistics and logits. So the
+    deeper network is the one a deeper warm start builds, and its mixtures stay one-hot."""
+    _resnet_on_the_hub('resnet50', tmp_path, monkeypatch)
+    model = timm.create_model('isomix_resnet50', pretrained=True, reuse=1).eval()
+    before = {name: (m.logits.detach().clone(), _layer_stats(s))
+              for (name, m), s in zip(model.mixtures().items(), model.stages)}
+    model.set_schedule(reuse=2)
+    for (name, mixture), stage in zip(model.mixtures().items(), model.stages):
+        logits, stats = before[name]
+        k = mixture.num_templates
+        assert mixture.num_layers == 2 * k
+        for l, layer in enumerate(stage.schedule.layers):
+            source = l % k  # l itself for l < K
+            assert torch.equal(mixture.logits[l], logits[source]), (name, l)
+            assert all(torch.equal(v, stats[source][key]) for key, v in layer.state_dict().items()), (name, l)
+        assert mixture.alpha().max(-1).values.min() > 1 - 1e-6  # the largest alpha stays ~1
+    deeper = timm.create_model('isomix_resnet50', pretrained=True, reuse=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), deeper(x))
+
+
+def test_set_schedule_from_the_pretrained_hard_order_gives_sharp_learnable_logits(tmp_path, monkeypatch):
+    resnet = _resnet_on_the_hub('resnet18', tmp_path, monkeypatch)
+    model = timm.create_model('isomix_resnet18', pretrained=True).eval()  # hard identity order, no logits
+    model.set_schedule(reuse=1)
+    assert all(m.logits is not None and m.alpha().max(-1).values.min() > 1 - 1e-6 for m in model.mixtures().values())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), resnet(x), rtol=1e-4, atol=1e-4 * resnet(x).abs().max().item())
+
+
+def test_a_deeper_schedule_keeps_the_statistics_of_each_pass():
+    """reuse 2 -> 3: the second pass over the templates keeps its own statistics (not the first pass's);
+    the new third pass starts from the first pass's."""
+    model = timm.create_model('isomix_iso_64_8_p2', reuse=2)  # 8 layers over 4 templates
+    with torch.no_grad():
+        for l, layer in enumerate(model.schedule.layers):
+            layer.bn1.running_mean.fill_(l)
+    model.set_schedule(reuse=3)
+    assert [layer.bn1.running_mean[0].item() for layer in model.schedule.layers] == [
+        0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+
+
+# --- initialisation ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['isomix_resnet18', 'isomix_iso_64_8_p2'])
+def test_init_weights_sets_every_parameter_and_buffer_including_the_mixture_logits(name):
+    model = timm.create_model(name, device='meta').to_empty(device='cpu')
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.fill_(float('nan'))
+    model.init_weights()
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if not torch.isfinite(t).all()]
+    assert not bad
+    fresh = timm.create_model(name)
+    for (n, mixture), expected in zip(model.mixtures().items(), fresh.mixtures().values()):
+        assert torch.equal(mixture.logits, expected.logits), n  # the initial (cyclic) logits
+
+
+def test_every_model_cites_the_paper_in_its_pretrained_cfg():
+    for name in timm.list_models('isomix_*', include_tags=True):
+        assert timm.models.get_pretrained_cfg(name).paper_ids == 'arXiv:2107.10963', name
+    assert timm.create_model('isomix_resnet18').pretrained_cfg['paper_ids'] == 'arXiv:2107.10963'
 
 
 # --- bad input -------------------------------------------------------------------------------------

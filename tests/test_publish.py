@@ -62,6 +62,16 @@ def test_model_card_reports_results_dataset_recipe_params_gmacs_and_heatmap(publ
         assert text in card, text
 
 
+def test_the_paper_is_arxiv_2107_10963_in_the_card_its_citation_and_the_pretrained_cfg(published):
+    card = (published / 'README.md').read_text()
+    assert 'arXiv:2107.10963' in card and 'https://arxiv.org/abs/2107.10963' in card
+    assert 'journal={arXiv preprint arXiv:2107.10963}' in card and 'eprint={2107.10963}' in card
+    assert 'author={Zhmoginov, Andrey and Bashkirova, Dina and Sandler, Mark}' in card
+    assert json.loads((published / 'config.json').read_text())['pretrained_cfg']['paper_ids'] == 'arXiv:2107.10963'
+    assert timm.create_model(f'local-dir:{published}', pretrained=True).pretrained_cfg['paper_ids'] == 'arXiv:2107.10963'
+    assert '2106.02626' not in card  # the paper cited here before, a different one
+
+
 def test_count_macs_is_half_the_flops_of_a_conv_counted_by_hand():
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False))
     assert publish.count_macs(conv, (3, 16, 16)) == 8 * 3 * 9 * 16 * 16

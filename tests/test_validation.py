@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from helpers import ROOT, load_script, make_tiny_folder
+from helpers import ROOT, hub_cache_entry, load_script, make_tiny_folder
 
 train_script, validate_script = load_script('train'), load_script('validate')
 
@@ -75,11 +75,7 @@ def resnet18_on_the_hub(tmp_path, monkeypatch):
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_(1.0, 0.2)
     for tag in ('a1_in1k', 'tv_in1k'):
-        snapshot = tmp_path / 'hub' / f'models--timm--resnet18.{tag}' / 'snapshots' / ('0' * 40)
-        snapshot.mkdir(parents=True)
-        (snapshot.parent.parent / 'refs').mkdir()
-        (snapshot.parent.parent / 'refs' / 'main').write_text('0' * 40)
-        save_file(resnet.state_dict(), str(snapshot / 'model.safetensors'))
+        save_file(resnet.state_dict(), str(hub_cache_entry(tmp_path / 'hub', f'timm/resnet18.{tag}') / 'model.safetensors'))
     monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..models._base import PAPER_ID
 from ..tools.summary import count_macs
 
 __all__ = ['PublishError', 'load_train_checkpoint', 'rebuild_model', 'count_macs', 'model_card',
@@ -29,11 +30,13 @@ __all__ = ['PublishError', 'load_train_checkpoint', 'rebuild_model', 'count_macs
 
 HEATMAP_NAME = 'mixtures.png'
 PAPER = ('Zhmoginov, Bashkirova, Sandler. Compositional Models: Multi-Task Learning and Knowledge Transfer '
-         'with Modular Networks. 2021. https://arxiv.org/abs/2106.02626')
+         f'with Modular Networks. 2021. {PAPER_ID}, https://arxiv.org/abs/{PAPER_ID.split(":")[1]}')
 CITATION = """@article{zhmoginov2021compositional,
   title={Compositional Models: Multi-Task Learning and Knowledge Transfer with Modular Networks},
   author={Zhmoginov, Andrey and Bashkirova, Dina and Sandler, Mark},
-  journal={arXiv preprint arXiv:2106.02626},
+  journal={arXiv preprint arXiv:2107.10963},
+  eprint={2107.10963},
+  archivePrefix={arXiv},
   year={2021}
 }"""
 # train.py args worth showing as the recipe, in this order (absent ones are skipped)
@@ -112,7 +115,7 @@ def export_config(model: nn.Module, ckpt: Dict[str, Any], repo_id: str, use_ema:
         notes=(f'published with timm_isomix.hub.publish from epoch {ckpt.get("epoch", "?")} of a train.py run '
                f'({"EMA" if use_ema else "raw"} weights)',),
         description=f'isomix {ckpt["arch"]} (template banks with mixtures), trained with timm-isomix',
-        paper_ids='arXiv:2106.02626', license='apache-2.0',
+        paper_ids=PAPER_ID, license='apache-2.0',
     )
     if tag:
         pretrained_cfg['tag'] = tag
