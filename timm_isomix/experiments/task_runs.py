@@ -3,8 +3,9 @@
 Each task's data is a split of a shared dataset (optionally some of its classes, or a seeded subset),
 held as tensors and cached on disk as uint8 (exact: the images are 8-bit), the same for every seed.
 Multi-task models train with `tasks.fit.fit_tasks`: one batch of every task per step, an epoch as
-many steps as the mean task has batches, AdamW with a cosine schedule, no augmentation; every variant
-of a study takes the same steps. Models a study's configurations share (the bank that transfer and
+many steps as the mean task has batches, at most a configuration's `steps_per_epoch` (a compute budget:
+each task still draws from its whole training set), AdamW with a cosine schedule, no augmentation; every
+variant of a study takes the same steps. Models a study's configurations share (the bank that transfer and
 adaptation start from) are trained once per seed and scale and kept under the state folder.
 """
 import contextlib
@@ -82,8 +83,11 @@ def train_model(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], seed: i
     torch.manual_seed(seed)
     model = build_task_model(model_config(config, tasks, scale))
     start = time.time()
+    steps = config.get('steps_per_epoch')
+    if steps:  # a cap: smaller (--train-limit) sets keep their own, shorter epoch
+        steps = min(steps, max(1, round(sum(max(1, len(ds) // scale.batch_size) for ds in train.values()) / len(train))))
     history = fit_tasks(model, train, val, epochs=epochs or scale.epochs, batch_size=scale.batch_size, seed=seed,
-                        **{**TRAINING, **config.get('training', {})})
+                        steps_per_epoch=steps, **{**TRAINING, **config.get('training', {})})
     for h in history:  # the runner's curves read 'top1': the mean over tasks
         h['top1'] = sum(h[f'{t}_top1'] for t in train) / len(train)
     return {'model': model, 'history': history, 'seconds': time.time() - start, 'train': train, 'val': val}
@@ -115,7 +119,8 @@ def shared_model(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], seed: 
     Returns (model, info) with info = {'top1': per task, 'train_time', 'history'}.
     """
     key = json.dumps({'config': model_config(config, tasks, scale), 'training': config.get('training', {}),
-                      'epochs': config.get('epochs') or scale.epochs, 'batch': scale.batch_size,
+                      'epochs': config.get('epochs') or scale.epochs, 'steps': config.get('steps_per_epoch'),
+                      'batch': scale.batch_size,
                       'limits': [scale.train_limit, scale.val_limit]}, sort_keys=True)
     folder = state_root() / 'shared-models' / hashlib.sha1(key.encode()).hexdigest()[:16]
     path = folder / f'seed{seed}.pth'
