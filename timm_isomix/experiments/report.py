@@ -102,12 +102,20 @@ def write_report(study: Study, scale: str = 'cpu') -> Dict[str, str]:
     atomic_write_bytes(json.dumps(rows, indent=1).encode(), str(folder / 'report.json'))
     paths['curves'] = str(folder / 'curves.png')
     _plot_curves(study, scale, paths['curves'])
-    mean_alphas = {}
+    # Template identities are arbitrary within a seed (any permutation of the bank is the same network), so
+    # the mean over seeds blurs a per-seed structure: each seed gets its own figure as well.
+    mean_alphas, per_seed = {}, {}
     for name, records in finished_runs(study.name, scale).items():
-        per_seed = [r['result'].get('alphas') or {} for r in records.values()]
-        for mixture in (per_seed[0] or {}):
-            mean_alphas[f'{name}:{mixture}'] = torch.tensor([a[mixture] for a in per_seed]).mean(0)
+        for seed, record in records.items():
+            for mixture, a in (record['result'].get('alphas') or {}).items():
+                per_seed.setdefault(seed, {})[f'{name}:{mixture}'] = torch.tensor(a)
+        alphas = [r['result'].get('alphas') or {} for r in records.values()]
+        for mixture in (alphas[0] or {}):
+            mean_alphas[f'{name}:{mixture}'] = torch.tensor([a[mixture] for a in alphas]).mean(0)
     if mean_alphas:
         paths['mixtures'] = plot_mixtures(mean_alphas, str(folder / 'mixtures.png'),
                                           title=f'{study.name}: final alpha, mean over seeds')
+    for seed, alphas in sorted(per_seed.items()):
+        paths[f'mixtures_seed{seed}'] = plot_mixtures(alphas, str(folder / f'mixtures-seed{seed}.png'),
+                                                      title=f'{study.name}: final alpha, seed {seed}')
     return paths
