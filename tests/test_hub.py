@@ -108,6 +108,24 @@ def test_a_pickle_that_needs_a_full_unpickle_is_refused_naming_the_file(ckpt, tm
         _load(path)
 
 
+def test_a_checkpoint_written_by_timms_train_py_loads_as_timm_loads_it(ckpt, tmp_path):
+    """timm's CheckpointSaver (what timm's train.py writes) stores its args as an argparse.Namespace, which
+    timm's loader allows beside tensors: so do the pretrained loader, train.py / validate.py and publish."""
+    import argparse
+    from timm.utils import CheckpointSaver
+    from timm_isomix.train.checkpoint import load_checkpoint_file
+    model = timm.create_model('isomix_iso_64_8_p2')
+    model.load_state_dict(ckpt['state_dict'])
+    args = argparse.Namespace(model='isomix_iso_64_8_p2', lr=0.1)
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args, checkpoint_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = tmp_path / 'last.pth.tar'
+    assert isinstance(torch.load(path, weights_only=False)['args'], argparse.Namespace)  # the premise
+    assert _same_weights(_load(path), ckpt['state_dict'])
+    assert load_checkpoint_file(str(path))['arch'] == 'isomix_iso_64_8_p2'
+    assert publish.load_train_checkpoint(str(path))['args'] == {'model': 'isomix_iso_64_8_p2', 'lr': 0.1}
+
+
 def test_save_for_hf_with_timms_defaults_round_trips_through_local_dir(tmp_path):
     """timm's save_for_hf writes pytorch_model.bin by default; timm's local-dir: loader reads it back."""
     for name in ('isomix_iso_64_8_p2', 'isomix_resnet18'):

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..models._base import PAPER_ID
+from ..models._hub import torch_load_like_timm
 from ..tools.summary import count_macs
 
 __all__ = ['PublishError', 'load_train_checkpoint', 'rebuild_model', 'count_macs', 'model_card',
@@ -50,11 +51,12 @@ class PublishError(Exception):
 
 # --- checkpoint -> model -------------------------------------------------------------------------
 def load_train_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a train.py checkpoint (weights_only: tensors and plain types), checking the keys publishing needs."""
+    """Read a train.py checkpoint (this project's or timm's; weights only: tensors and plain types), checking the
+    keys publishing needs."""
     if not os.path.isfile(path):
         raise PublishError(f'checkpoint not found: {path}')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch_load_like_timm(path)
     except Exception as e:  # a damaged zip or pickle stream raises several types
         raise PublishError(f'cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}') from None
     if not isinstance(ckpt, dict):
@@ -62,6 +64,8 @@ def load_train_checkpoint(path: str) -> Dict[str, Any]:
     missing = [k for k in ('arch', 'state_dict') if k not in ckpt]
     if missing:
         raise PublishError(f'{path} is not a train.py checkpoint: missing {missing} (has {sorted(ckpt)})')
+    if isinstance(ckpt.get('args'), argparse.Namespace):  # timm's train.py stores its args as a Namespace
+        ckpt['args'] = vars(ckpt['args'])
     return ckpt
 
 

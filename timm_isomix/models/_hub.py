@@ -18,6 +18,7 @@ The sources are timm's: `hf-hub:ORG/NAME` and `local-dir:PATH` model names, a ta
 and `pretrained_cfg_overlay=dict(file=...)`. The weights are checked here, then timm loads them as usual
 (`load_pretrained` adapts the classifier and input channels).
 """
+import argparse
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 __all__ = [
     'ORG_ENV', 'DEFAULT_ORG', 'PretrainedWeightsError', 'WeightsNotPublishedError', 'PickledWeightsError',
     'hub_org', 'published_repo_id', 'published_cfg', 'publish_command', 'check_weights_file', 'check_state_dict',
-    'pretrained_kwargs',
+    'pretrained_kwargs', 'torch_load_like_timm',
 ]
 
 ORG_ENV = 'TIMM_ISOMIX_HUB_ORG'
@@ -85,6 +86,14 @@ def published_cfg(model_name: str, tag: str, cfg: Dict[str, Any]) -> Dict[str, A
 
 
 # --- files ------------------------------------------------------------------------------------------
+def torch_load_like_timm(path: str):
+    """`torch.load` as timm reads checkpoints: weights_only=True, whose unpickler rebuilds only tensors and
+    plain containers, plus argparse.Namespace (timm's train.py stores its args in that form). A file that
+    needs any other object raises pickle.UnpicklingError."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location='cpu', weights_only=True)
+
+
 def check_weights_file(path: str) -> List[str]:
     """The keys of the weights in `path`; PretrainedWeightsError naming `path` when it is missing, unsafe,
     truncated or corrupted.
@@ -108,7 +117,7 @@ def check_weights_file(path: str) -> List[str]:
             raise PretrainedWeightsError(f'{path}: the safetensors file holds no tensors')
         return keys
     try:
-        state = torch.load(str(p), map_location='cpu', weights_only=True)
+        state = torch_load_like_timm(str(p))
     except pickle.UnpicklingError as e:  # the weights-only unpickler met an object it does not rebuild
         raise PickledWeightsError(
             f'{path}: this pickle holds objects other than tensors and plain containers, and only a full unpickle '

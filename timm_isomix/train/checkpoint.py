@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from timm.models import safe_model_name
 
+from ..models._hub import torch_load_like_timm
 from .config import ConfigError
 from .distributed import all_agree, is_primary
 from .files import atomic_save, atomic_write_bytes, serialize
@@ -28,11 +29,12 @@ __all__ = [
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Load a checkpoint dict on CPU (ConfigError naming the file when missing or unreadable)."""
+    """Load a checkpoint dict on CPU as timm loads it (weights only; timm's train.py checkpoints too);
+    ConfigError naming the file when missing or unreadable."""
     if not os.path.isfile(path):
         raise ConfigError(f'checkpoint not found: {path}')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch_load_like_timm(path)
     except Exception as e:
         raise ConfigError(f'cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}') from None
     if not isinstance(ckpt, dict):
