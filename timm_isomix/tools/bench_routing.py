@@ -1,15 +1,17 @@
 """Cost of grouped per-example routes: `python -m timm_isomix.tools.bench_routing`.
 
 Two comparisons, each timed in one process, interleaved (the order of the two sides alternates every
-repetition) after warm-up, so that load from other processes hits both alike; figures are medians over
-repetitions and the ratios are routed / plain:
+repetition) after warm-up, so that load from other processes hits both alike; times are medians over
+repetitions and each ratio (routed / plain) is the median over repetitions of that repetition's ratio:
 
 - **layer**: one executed layer (`BasicLayer` of `isomix_iso_64_8_p2`: width 64 at 16 x 16) on a batch of
   64, with a template per example drawn uniformly from the bank's K = 4 (every template runs on about a
   quarter of the batch; `bank.run_routed`: one sort, K group runs, one scatter), against the same layer
   running one template on the whole batch. Training (forward + backward) and inference (no grad).
 - **step**: a training step (forward, loss, router loss, backward, optimizer step) of the routed network
-  (`routing='input'`, and `'task'`) against the same network with a fixed (hard) order, batch 64 at 32 px.
+  (`routing='input'`, and `'task'`) against the same network with a fixed (hard) order, batch 64 at 32 px;
+  also for the routing studies' smaller trunk (`STUDY_TRUNK`: width 48, patch 4, so 8 x 8 maps), where
+  the groups' smaller convolutions cost relatively more.
 
 Targets (issue 14): routed layer <= 1.15 x plain layer; routed training step <= 1.15 x fixed order.
 On CPU, freed memory is kept in the process first (`tools.memory.retain_freed_memory`, as benchmark.py).
@@ -34,10 +36,16 @@ from .memory import retain_freed_memory
 __all__ = ['layer_cases', 'step_cases', 'interleaved', 'run', 'main']
 
 TARGET = 1.15
+# The trunk of the routing studies (experiments/studies/routing.py).
+STUDY_TRUNK = dict(width=48, patch_size=4, depth=8, num_templates=4)
 
 
 def interleaved(fns: Dict[str, Callable[[], None]], reps: int, steps: int, warmup: int) -> Dict[str, float]:
-    """Median seconds per call of each function, timed alternately (the order reverses every repetition)."""
+    """Median seconds per call of 'plain' and 'routed', and the median over repetitions of their ratio.
+
+    The two run alternately, `steps` calls each per repetition, the order reversing every repetition; the
+    ratio of each repetition compares calls a moment apart, so load that drifts over the run cancels out.
+    """
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -49,7 +57,9 @@ def interleaved(fns: Dict[str, Callable[[], None]], reps: int, steps: int, warmu
             for _ in range(steps):
                 fns[name]()
             times[name].append((time.perf_counter() - t0) / steps)
-    return {n: statistics.median(t) for n, t in times.items()}
+    out = {n: statistics.median(t) for n, t in times.items()}
+    out['ratio'] = statistics.median(a / b for a, b in zip(times['routed'], times['plain']))
+    return out
 
 
 def layer_cases(batch: int = 64, seed: int = 0) -> Dict[str, Dict[str, Callable[[], None]]]:
@@ -82,12 +92,12 @@ def layer_cases(batch: int = 64, seed: int = 0) -> Dict[str, Dict[str, Callable[
             'infer': {'plain': infer(False), 'routed': infer(True)}}
 
 
-def step_cases(routing: str, router: str, batch: int = 64, seed: int = 0) -> Dict[str, Callable[[], None]]:
+def step_cases(routing: str, router: str, batch: int = 64, seed: int = 0, **model_kwargs) -> Dict[str, Callable[[], None]]:
     """{'plain': fn, 'routed': fn}: one training step of the routed network and of the fixed-order network."""
     torch.manual_seed(seed)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    routed = timm.create_model('isomix_iso_64_8_p2', routing=routing, router=router).train()
-    plain = timm.create_model('isomix_iso_64_8_p2', order=list(routed.schedule.mixture.order)).train()
+    routed = timm.create_model('isomix_iso_64_8_p2', routing=routing, router=router, **model_kwargs).train()
+    plain = timm.create_model('isomix_iso_64_8_p2', order=list(routed.schedule.mixture.order), **model_kwargs).train()
 
     def step(model, opt) -> Callable[[], None]:
         def fn():
@@ -111,11 +121,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     for mode, fns in layer_cases(args.batch).items():
         t = interleaved(fns, args.reps, args.steps, args.warmup)
-        results[f'layer_{mode}'] = {**{f'{k}_ms': 1e3 * v for k, v in t.items()}, 'ratio': t['routed'] / t['plain']}
-    for routing, router in (('input', 'reinforce'), ('input', 'gumbel'), ('task', 'wpl')):
-        t = interleaved(step_cases(routing, router, args.batch), args.reps, max(1, args.steps // 4), args.warmup)
-        results[f'step_{routing}_{router}'] = {**{f'{k}_ms': 1e3 * v for k, v in t.items()},
-                                               'ratio': t['routed'] / t['plain']}
+        results[f'layer_{mode}'] = {'plain_ms': 1e3 * t['plain'], 'routed_ms': 1e3 * t['routed'], 'ratio': t['ratio']}
+    for trunk, kwargs in (('', {}), ('study_trunk_', STUDY_TRUNK)):
+        for routing, router in (('input', 'reinforce'), ('input', 'gumbel'), ('task', 'wpl')):
+            t = interleaved(step_cases(routing, router, args.batch, **kwargs), args.reps, max(1, args.steps // 4),
+                            args.warmup)
+            results[f'step_{trunk}{routing}_{router}'] = {'plain_ms': 1e3 * t['plain'], 'routed_ms': 1e3 * t['routed'],
+                                                          'ratio': t['ratio']}
     return {
         'command': 'python -m timm_isomix.tools.bench_routing ' + ' '.join(args.argv),
         'machine': {'cpu': platform.processor() or platform.machine(), 'threads': torch.get_num_threads(),
