@@ -172,6 +172,34 @@ def test_a_router_learns_to_prefer_the_template_that_earns_reward(router):
     assert r.policy()[0, 0].argmax() == 2 and r.policy()[0, 0, 2] > 0.6
 
 
+def test_per_task_routes_drawn_per_task_are_the_same_for_all_examples_of_a_task_in_training():
+    model = routed('task', 'reinforce', num_tasks=2, router_args={'draw': 'task'}).train()
+    task = torch.tensor([0, 1] * 16)
+    y = torch.randint(0, 5, (32,))
+    for _ in range(3):
+        step(model, torch.randn(32, 3, 8, 8), y, task=task).backward()
+        routes = model.router.last_routes
+        assert (routes[task == 0] == routes[0]).all() and (routes[task == 1] == routes[1]).all()
+    default = routed('task', 'reinforce').train()
+    default(torch.randn(32, 3, 8, 8))
+    assert (default.router.last_routes != default.router.last_routes[0]).any()  # the reference's per-example draws
+
+
+@pytest.mark.parametrize('draw', ['example', 'task'])
+def test_a_router_drawing_per_task_learns_as_well(draw):
+    torch.manual_seed(0)
+    r = TaskRouter(1, 4, algorithm='reinforce', draw=draw).train()
+    opt = torch.optim.SGD(r.parameters(), lr=0.5)
+    x = torch.zeros(16, 1, 1, 1)
+    for _ in range(150):
+        index, _ = r.routes(x)(0, x)
+        loss = r.loss((index != 2).float(), index == 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert r.policy()[0, 0].argmax() == 2 and r.policy()[0, 0, 2] > 0.6
+
+
 def test_rewards_come_from_loss_or_correctness_and_pay_the_route_cost():
     r = TaskRouter(2, 3, algorithm='reinforce', reward='correct', cost=[0., 0.5, 1.]).train()
     x = torch.zeros(2, 1, 1, 1)
@@ -213,6 +241,8 @@ def test_gumbel_temperature_follows_its_schedule():
     (dict(router='wpl'), 'without routing'),
     (dict(routing='input', router_args={'temperature': 2}), "unknown router_args ['temperature']"),
     (dict(routing='task', router_args={'hidden': 8}), "routing='task' has none"),
+    (dict(routing='input', router_args={'draw': 'task'}), "draw='task' is for routing='task'"),
+    (dict(routing='task', router_args={'draw': 'batch'}), "unknown router draw 'batch'"),
 ])
 def test_bad_routing_arguments_raise_a_clear_error(kwargs, message):
     with pytest.raises(ValueError) as e:

@@ -30,6 +30,9 @@ tasks choose that template at that layer (the paper's collaboration reward; a ru
 plus the per-decision rewards from layer l on (undiscounted reward-to-go, as the reference code).
 
 Training samples the routes, eval takes the argmax; set `router.sample = True` (or False) to force either.
+A per-task router draws a route per example from its task's policy (draw='example', as the reference code's
+per-task agents do), or one route per task and batch (draw='task': every example of a task runs the same
+templates, so the batch runs as a hard order, and each decision's reward is its examples' mean).
 """
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -38,9 +41,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['ROUTINGS', 'ROUTERS', 'REWARDS', 'Router', 'TaskRouter', 'InputRouter', 'build_router', 'task_ids']
+__all__ = ['ROUTINGS', 'ROUTERS', 'REWARDS', 'DRAWS', 'Router', 'TaskRouter', 'InputRouter', 'build_router', 'task_ids']
 
 ROUTINGS = ('task', 'input')
+DRAWS = ('example', 'task')
 ROUTERS = ('reinforce', 'wpl', 'gumbel')
 REWARDS = ('loss', 'correct')
 # Momentum of the running template-usage frequencies (collaboration reward, route reports): about the
@@ -85,10 +89,13 @@ class Router(nn.Module):
             collab: float = 0.,
             tau: float = 1.0,
             tau_end: Optional[float] = None,
+            draw: str = 'example',
             device=None,
             dtype=None,
     ):
         super().__init__()
+        if draw not in DRAWS:
+            raise ValueError(f'unknown router draw {draw!r}; expected one of {DRAWS}')
         if algorithm not in ROUTERS:
             raise ValueError(f'unknown router {algorithm!r}; expected one of {ROUTERS}')
         if reward not in REWARDS:
@@ -102,7 +109,7 @@ class Router(nn.Module):
         if len(cost) != num_templates:
             raise ValueError(f'router cost needs one number or one per template ({num_templates}), got {len(cost)}')
         self.num_layers, self.num_templates, self.num_tasks = num_layers, num_templates, int(num_tasks)
-        self.algorithm, self.reward, self.collab = algorithm, reward, float(collab)
+        self.algorithm, self.reward, self.collab, self.draw = algorithm, reward, float(collab), draw
         self.tau_start, self.tau_end, self.progress = float(tau), float(tau_end), 0.
         self.sample: Optional[bool] = None  # None: sample in training, argmax in eval
         dd = dict(device=device, dtype=dtype)
@@ -148,22 +155,30 @@ class Router(nn.Module):
         learn = self.training and torch.is_grad_enabled()
         chosen: List[torch.Tensor] = []
 
+        # draw='task': one draw per task in the batch (a representative row each), then expanded to its examples
+        inverse = torch.unique(task, return_inverse=True)[1] if self.draw == 'task' else None
+        rows = None if inverse is None else torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=task.device) \
+            .scatter_(0, inverse, torch.arange(len(task), device=task.device))
+
         def route(l: int, h: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
             logits = self.policy_logits(l, h, task).float()
+            drawn = logits if rows is None else logits[rows]
             gate = None
             if self.algorithm == 'gumbel':
                 if sample:
-                    y = F.gumbel_softmax(logits, tau=self.tau(), hard=False)
+                    y = F.gumbel_softmax(drawn, tau=self.tau(), hard=False)
                     index = y.argmax(-1)
                     if learn:
                         y_a = y.gather(1, index[:, None]).squeeze(1)
                         gate = 1. + y_a - y_a.detach()
                 else:
-                    index = logits.argmax(-1)
+                    index = drawn.argmax(-1)
             else:
-                index = torch.multinomial(logits.softmax(-1), 1).squeeze(1) if sample else logits.argmax(-1)
-                if learn:
-                    self._decisions.append({'layer': l, 'index': index, 'log_pi': logits.log_softmax(-1)})
+                index = torch.multinomial(drawn.softmax(-1), 1).squeeze(1) if sample else drawn.argmax(-1)
+            if inverse is not None:
+                index, gate = index[inverse], None if gate is None else gate[inverse]
+            if learn and self.algorithm != 'gumbel':
+                self._decisions.append({'layer': l, 'index': index, 'log_pi': logits.log_softmax(-1)})
             chosen.append(index)
             if len(chosen) == self.num_layers:
                 self.last_routes = torch.stack(chosen, 1).detach()
@@ -285,7 +300,7 @@ class InputRouter(Router):
         return self.nets[l](torch.cat([pooled, self.task_embed(task).to(pooled.dtype)], 1))
 
 
-_ROUTER_ARGS = ('reward', 'cost', 'collab', 'tau', 'tau_end', 'hidden', 'embed')
+_ROUTER_ARGS = ('reward', 'cost', 'collab', 'tau', 'tau_end', 'draw', 'hidden', 'embed')
 
 
 def build_router(
@@ -323,5 +338,7 @@ def build_router(
             raise ValueError(f'router_args {sorted(net)} size the per-input router\'s net; routing=\'task\' has none')
         return TaskRouter(num_layers, num_templates, num_tasks, algorithm=router, device=device, dtype=dtype,
                           **router_args)
+    if router_args.get('draw', 'example') != 'example':
+        raise ValueError('a per-input router draws a route per example; draw=\'task\' is for routing=\'task\'')
     return InputRouter(num_layers, num_templates, num_tasks, channels=channels, algorithm=router, device=device,
                        dtype=dtype, **net, **router_args)

@@ -9,7 +9,7 @@ repetitions and each ratio (routed / plain) is the median over repetitions of th
   quarter of the batch; `bank.run_routed`: one sort, K group runs, one scatter), against the same layer
   running one template on the whole batch. Training (forward + backward) and inference (no grad).
 - **step**: a training step (forward, loss, router loss, backward, optimizer step) of the routed network
-  (`routing='input'`, and `'task'`) against the same network with a fixed (hard) order, batch 64 at 32 px;
+  (`routing='input'`, and `'task'` drawing a route per example or, `draw='task'`, one per batch) against the same network with a fixed (hard) order, batch 64 at 32 px;
   also for the routing studies' smaller trunk (`STUDY_TRUNK`: width 48, patch 4, so 8 x 8 maps), where
   the groups' smaller convolutions cost relatively more.
 
@@ -36,6 +36,9 @@ from .memory import retain_freed_memory
 __all__ = ['layer_cases', 'step_cases', 'interleaved', 'run', 'main']
 
 TARGET = 1.15
+# (name, routing, router, router_args) of the training-step comparisons
+STEP_CASES = (('input_reinforce', 'input', 'reinforce', None), ('input_gumbel', 'input', 'gumbel', None),
+              ('task_wpl', 'task', 'wpl', None), ('task_wpl_draw_task', 'task', 'wpl', {'draw': 'task'}))
 # The trunk of the routing studies (experiments/studies/routing.py).
 STUDY_TRUNK = dict(width=48, patch_size=4, depth=8, num_templates=4)
 
@@ -97,6 +100,7 @@ def step_cases(routing: str, router: str, batch: int = 64, seed: int = 0, **mode
     torch.manual_seed(seed)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     routed = timm.create_model('isomix_iso_64_8_p2', routing=routing, router=router, **model_kwargs).train()
+    model_kwargs.pop('router_args', None)
     plain = timm.create_model('isomix_iso_64_8_p2', order=list(routed.schedule.mixture.order), **model_kwargs).train()
 
     def step(model, opt) -> Callable[[], None]:
@@ -123,10 +127,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         t = interleaved(fns, args.reps, args.steps, args.warmup)
         results[f'layer_{mode}'] = {'plain_ms': 1e3 * t['plain'], 'routed_ms': 1e3 * t['routed'], 'ratio': t['ratio']}
     for trunk, kwargs in (('', {}), ('study_trunk_', STUDY_TRUNK)):
-        for routing, router in (('input', 'reinforce'), ('input', 'gumbel'), ('task', 'wpl')):
-            t = interleaved(step_cases(routing, router, args.batch, **kwargs), args.reps, max(1, args.steps // 4),
-                            args.warmup)
-            results[f'step_{trunk}{routing}_{router}'] = {'plain_ms': 1e3 * t['plain'], 'routed_ms': 1e3 * t['routed'],
+        for name, routing, router, router_args in STEP_CASES:
+            t = interleaved(step_cases(routing, router, args.batch, router_args=router_args, **kwargs), args.reps,
+                            max(1, args.steps // 4), args.warmup)
+            results[f'step_{trunk}{name}'] = {'plain_ms': 1e3 * t['plain'], 'routed_ms': 1e3 * t['routed'],
                                                           'ratio': t['ratio']}
     return {
         'command': 'python -m timm_isomix.tools.bench_routing ' + ' '.join(args.argv),

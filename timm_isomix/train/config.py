@@ -229,11 +229,13 @@ def _add_router_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--router-collab', type=float, default=None, help='collaboration reward weight (default 0)')
     g.add_argument('--router-tau', type=float, default=None, help='Gumbel-softmax temperature at the start (default 1)')
     g.add_argument('--router-tau-end', type=float, default=None, help='... at the end of training (default: --router-tau)')
+    g.add_argument('--router-draw', default=None, choices=['example', 'task'],
+                   help='per-task routing: draw a route per example (default) or one per task and batch')
     g.add_argument('--router-hidden', type=int, default=None, help='hidden units of the per-input router (default 32)')
     g.add_argument('--router-embed', type=int, default=None, help='task embedding size of the per-input router (default 8)')
 
 
-_ROUTER_ARGS = ('reward', 'cost', 'collab', 'tau', 'tau_end', 'hidden', 'embed')
+_ROUTER_ARGS = ('reward', 'cost', 'collab', 'tau', 'tau_end', 'draw', 'hidden', 'embed')
 
 
 def fold_router_args(args: argparse.Namespace) -> None:

@@ -6,6 +6,8 @@ per step, AdamW, cosine schedule, the multi-task studies' recipe, no augmentatio
 the same steps on the same data with the same template parameters:
   route_task_wpl        per-task routing, WPL (one tabular agent per task), as the paper's CIFAR/MIN-MTL models;
   route_task_reinforce  per-task routing, REINFORCE with a learned baseline;
+  route_task_wpl_per_batch  per-task routing, WPL, one route per task and batch (draw='task': the batch runs
+                        as a hard order) instead of one per example;
   route_input_gumbel    per-input routing (a small net per layer on the pooled input and a task embedding),
                         straight-through Gumbel-softmax, temperature 2 -> 0.5;
   route_input_reinforce per-input routing, REINFORCE with a learned baseline;
@@ -47,6 +49,7 @@ DIGITS = [{'name': n, 'data': n, 'classes': 10} for n in ('mnist', 'usps', 'mnis
 METHODS: Dict[str, Dict[str, Any]] = {
     'route_task_wpl': dict(routing='task', router='wpl', router_lr=3e-2),
     'route_task_reinforce': dict(routing='task', router='reinforce', router_lr=3e-2),
+    'route_task_wpl_per_batch': dict(routing='task', router='wpl', router_lr=3e-2, router_args=dict(draw='task')),
     'route_input_gumbel': dict(routing='input', router='gumbel', router_lr=1e-2,
                                router_args=dict(tau=2.0, tau_end=0.5)),
     'route_input_reinforce': dict(routing='input', router='reinforce', router_lr=1e-2),
@@ -139,7 +142,7 @@ register(Study(
     description='Training time per task as the number of MIN-MTL tasks grows (2, 5, 10, 20): per-task routing '
                 '(WPL) vs soft mixtures vs independent networks.',
     configs={f'{m}_T{n}': dict(TRUNK, tasks=f'min-mtl:{n}', **METHODS[m])
-             for m in ('route_task_wpl', 'isomix', 'independent') for n in (2, 5, 10, 20)},
+             for m in ('route_task_wpl', 'route_task_wpl_per_batch', 'isomix', 'independent') for n in (2, 5, 10, 20)},
     run=run_routing,
     scale=Scale(epochs=2, train_limit=None, val_limit=None, batch_size=64),
     metrics=('train_time_per_task', 'train_time', 'top1'),
