@@ -274,7 +274,8 @@ def test_router_parameters_form_their_own_group_without_weight_decay_at_their_ow
 
 def test_router_flags_need_routing_and_become_model_kwargs():
     from timm_isomix.train.config import ConfigError, parse_train_args
-    args, _ = parse_train_args(['--routing', 'input', '--router', 'gumbel', '--router-tau', '2', '--router-cost', '0.1'])
+    args, _ = parse_train_args(['--routing', 'input', '--router', 'gumbel', '--router-tau', '2',
+                                '--router-cost', '0.1'])
     assert args.model_kwargs == {'routing': 'input', 'router': 'gumbel', 'router_args': {'tau': 2.0, 'cost': 0.1}}
     with pytest.raises(ConfigError, match='need --routing'):
         parse_train_args(['--router', 'wpl'])

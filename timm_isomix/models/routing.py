@@ -116,7 +116,8 @@ class Router(nn.Module):
         self.register_buffer('cost', torch.tensor(cost, device=device, dtype=torch.float32), persistent=False)
         self.register_buffer('usage', torch.full((self.num_tasks, num_layers, num_templates), 1. / num_templates,
                                                  device=device, dtype=torch.float32))
-        self.baseline = nn.Parameter(torch.zeros(self.num_tasks, num_layers, **dd)) if algorithm == 'reinforce' else None
+        self.baseline = nn.Parameter(torch.zeros(self.num_tasks, num_layers, **dd)) \
+            if algorithm == 'reinforce' else None
         self.value = nn.Parameter(torch.zeros(self.num_tasks, num_layers, num_templates, **dd)) \
             if algorithm == 'wpl' else None
         self._decisions: List[Dict[str, torch.Tensor]] = []

@@ -3,7 +3,7 @@
     model = build_routed_task_model('isomix_iso_64_8_p2', {'mnist': 10, 'cifar10': 10}, routing='task', router='wpl')
     history = fit_tasks(model, train_sets, val_sets, router_lr=...)   # tasks.fit: one batch of every task per step
     usage = route_usage(model, val_sets)                              # per task x layer x template (and per class)
-    plot_route_usage(usage, out_dir)                                  # routes.png, routes-per-class.png, routes-sharing.png
+    plot_route_usage(usage, out_dir)                    # routes.png, routes-per-class-<task>.png, routes-sharing.png
 
 A `RoutedMultiTask` is one routed trunk (stem, bank, executed layers with their statistics, router) shared by
 every task, and one head per task. The router tells the tasks apart by their task ids (a per-task router's

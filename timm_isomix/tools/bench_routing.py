@@ -9,7 +9,8 @@ repetitions and each ratio (routed / plain) is the median over repetitions of th
   quarter of the batch; `bank.run_routed`: one sort, K group runs, one scatter), against the same layer
   running one template on the whole batch. Training (forward + backward) and inference (no grad).
 - **step**: a training step (forward, loss, router loss, backward, optimizer step) of the routed network
-  (`routing='input'`, and `'task'` drawing a route per example or, `draw='task'`, one per batch) against the same network with a fixed (hard) order, batch 64 at 32 px;
+  (`routing='input'`, and `'task'` drawing a route per example or, `draw='task'`, one per batch) against
+  the same network with a fixed (hard) order, batch 64 at 32 px;
   also for the routing studies' smaller trunk (`STUDY_TRUNK`: width 48, patch 4, so 8 x 8 maps), where
   the groups' smaller convolutions cost relatively more.
 
@@ -95,7 +96,8 @@ def layer_cases(batch: int = 64, seed: int = 0) -> Dict[str, Dict[str, Callable[
             'infer': {'plain': infer(False), 'routed': infer(True)}}
 
 
-def step_cases(routing: str, router: str, batch: int = 64, seed: int = 0, **model_kwargs) -> Dict[str, Callable[[], None]]:
+def step_cases(routing: str, router: str, batch: int = 64, seed: int = 0,
+               **model_kwargs) -> Dict[str, Callable[[], None]]:
     """{'plain': fn, 'routed': fn}: one training step of the routed network and of the fixed-order network."""
     torch.manual_seed(seed)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
@@ -152,7 +154,8 @@ def format_table(report: Dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--reps', type=int, default=15, help='timed repetitions per side (median)')
     p.add_argument('--steps', type=int, default=8, help='calls per repetition (a quarter for training steps)')
