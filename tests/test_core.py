@@ -320,8 +320,8 @@ def test_set_schedule_keeps_each_layers_logits_and_statistics_where_its_template
 
 
 def test_set_schedule_from_the_pretrained_hard_order_gives_sharp_learnable_logits(tmp_path, monkeypatch):
-    resnet = _resnet_on_the_hub('resnet18', tmp_path, monkeypatch)
-    model = timm.create_model('isomix_resnet18', pretrained=True).eval()  # hard identity order, no logits
+    resnet = _resnet_on_the_hub('resnet50', tmp_path, monkeypatch)  # banks of 2 to 5 templates
+    model = timm.create_model('isomix_resnet50', pretrained=True).eval()  # hard identity order, no logits
     model.set_schedule(reuse=1)
     assert all(m.logits is not None and m.alpha().max(-1).values.min() > 1 - 1e-6 for m in model.mixtures().values())
     x = torch.randn(2, 3, 64, 64)
