@@ -193,6 +193,7 @@ def test_timm_features_only_feature_cls_class(timm_tests, model_name):
     timm_tests.test_features_only_feature_cls_class(model_name)
 
 
+@pytest.mark.slow  # prunes a copy at every feature index (16 for the deepest isometric models); CI runs it
 @pytest.mark.parametrize('model_name', MODELS)
 def test_timm_forward_after_prune_intermediate_layers(timm_tests, model_name):
     timm_tests.test_forward_after_prune_intermediate_layers(model_name)

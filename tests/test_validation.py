@@ -75,7 +75,8 @@ def resnet18_on_the_hub(tmp_path, monkeypatch):
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_(1.0, 0.2)
     for tag in ('a1_in1k', 'tv_in1k'):
-        save_file(resnet.state_dict(), str(hub_cache_entry(tmp_path / 'hub', f'timm/resnet18.{tag}') / 'model.safetensors'))
+        snapshot = hub_cache_entry(tmp_path / 'hub', f'timm/resnet18.{tag}')
+        save_file(resnet.state_dict(), str(snapshot / 'model.safetensors'))
     monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
 

@@ -65,7 +65,8 @@ def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     expected = set()
     for i, stage in enumerate(model.stages):
         expected |= {f'layer{i + 1}.0.{k}' for k in stage.first.state_dict()}
-        expected |= {f'layer{i + 1}.{k + 1}.{name}' for k in range(stage.bank.num_templates) for name in stage.bank.layout}
+        expected |= {f'layer{i + 1}.{k + 1}.{name}'
+                     for k in range(stage.bank.num_templates) for name in stage.bank.layout}
         norms = {name.split('.')[0] for name in stage.bank.layout if name.startswith('bn')}
         expected |= {f'layer{i + 1}.{k + 1}.{bn}.{s}' for k in range(stage.bank.num_templates)
                      for bn in norms for s in _STATS}
@@ -76,8 +77,9 @@ def resnet_to_isomix(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> D
     missing = sorted(k for k in expected - given if not k.endswith('num_batches_tracked'))
     unexpected = sorted(k for k in given - expected if not k.endswith('num_batches_tracked'))
     if missing or unexpected:
+        blocks = [1 + s.bank.num_templates for s in model.stages]
         raise ValueError(f'state dict is not a timm ResNet matching {type(model).__name__} '
-                         f'with {len(model.stages)} stages of {[1 + s.bank.num_templates for s in model.stages]} blocks: '
+                         f'with {len(model.stages)} stages of {blocks} blocks: '
                          + _key_report(missing, unexpected))
 
     out.update({k: v for k, v in state_dict.items() if not k.startswith('layer')})

@@ -95,7 +95,8 @@ def _read_checkpoints(args: argparse.Namespace) -> Tuple[Optional[Dict[str, Any]
 
 
 def _create_dataset(args: argparse.Namespace, training: bool, img_mode: Optional[str]):
-    split, num_samples = (args.train_split, args.train_num_samples) if training else (args.val_split, args.val_num_samples)
+    split = args.train_split if training else args.val_split
+    num_samples = args.train_num_samples if training else args.val_num_samples
     try:
         dataset = create_dataset(
             args.dataset, root=args.data_dir, split=split, is_training=training, num_samples=num_samples,
@@ -140,9 +141,10 @@ def _create_model(args: argparse.Namespace, model_args: Dict[str, Any]) -> nn.Mo
         if value is not None and not (key == 'drop_rate' and value == 0.):
             create_kwargs[key] = value
     try:
-        model = timm.create_model(  # --pretrained-path: timm's overlay, num_classes=-1 always adapts the head
-            args.model, pretrained=args.pretrained, pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1)
-            if args.pretrained_path else None, checkpoint_path=args.initial_checkpoint or None, **create_kwargs)
+        # --pretrained-path: timm's overlay, whose num_classes=-1 always adapts the head
+        overlay = dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None
+        model = timm.create_model(args.model, pretrained=args.pretrained, pretrained_cfg_overlay=overlay,
+                                  checkpoint_path=args.initial_checkpoint or None, **create_kwargs)
     except TypeError as e:
         raise ConfigError(f'model {args.model!r} does not accept these arguments: {e}') from None
     if args.head_init_scale is not None or args.head_init_bias is not None:
