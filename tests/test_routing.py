@@ -438,3 +438,11 @@ def test_torchrun_multi_task_routing_with_two_cpu_processes_keeps_the_ranks_in_s
     result = _run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'ranks agree' in result.stdout
+
+
+def test_pruning_intermediate_layers_truncates_the_router_and_leaves_no_unused_parameter(routed_timm_tests):
+    """timm's prune test (training mode) with a Gumbel router, whose parameters learn through the features."""
+    routed_timm_tests('input', 'gumbel').test_prune_intermediate_layers_params_used('isomix_iso_64_8_p2')
+    model = routed('task', 'wpl')
+    model.prune_intermediate_layers([2])
+    assert model.router.num_layers == 3 and model.router.logits.shape == (1, 3, 4) and model.router.value.shape[1] == 3

@@ -196,6 +196,8 @@ class IsoMixNet(IsoMixModel):
         """Drop the executed layers after the last index kept (and the head)."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         self.schedule.truncate(max_index + 1)
+        if self.router is not None:
+            self.router.truncate(max_index + 1)
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices

@@ -186,6 +186,18 @@ class Router(nn.Module):
             return index, gate
         return route
 
+    @torch.no_grad()
+    def truncate(self, num_layers: int) -> None:
+        """Keep the decisions of the first `num_layers` layers only (the schedule was truncated)."""
+        self.num_layers = num_layers
+        self.usage = self.usage[:, :num_layers].clone()
+        for name in ('baseline', 'value', 'logits'):
+            p = getattr(self, name, None)
+            if p is not None:
+                setattr(self, name, nn.Parameter(p[:, :num_layers].clone(), p.requires_grad))
+        if hasattr(self, 'nets'):
+            self.nets = self.nets[:num_layers]
+
     def alpha(self, task: int = 0) -> torch.Tensor:
         """How often each template is chosen per layer (L, K) for a task: the running usage frequencies."""
         return self.usage[task].detach().clone()
