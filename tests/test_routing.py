@@ -281,6 +281,19 @@ def test_router_flags_need_routing_and_become_model_kwargs():
         parse_train_args(['--router', 'wpl'])
 
 
+def test_router_yaml_keys_are_checked_like_flags(tmp_path):
+    from timm_isomix.train.config import ConfigError, parse_train_args
+    good = tmp_path / 'good.yaml'
+    good.write_text('routing: task\nrouter: wpl\nrouter_lr: 0.03\nrouter_collab: 0.09\nrouter_draw: task\n')
+    args, _ = parse_train_args(['-c', str(good)])
+    assert args.router_lr == 0.03
+    assert args.model_kwargs == {'routing': 'task', 'router': 'wpl', 'router_args': {'collab': 0.09, 'draw': 'task'}}
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('routing: layer\n')
+    with pytest.raises(ConfigError, match="key 'routing' must be one of"):
+        parse_train_args(['-c', str(bad)])
+
+
 @pytest.fixture(scope='module')
 def tiny_cifar(shared_dataset, tmp_path_factory):
     return make_tiny_folder(shared_dataset('cifar10'), tmp_path_factory.mktemp('tiny_cifar_routing'), 4, 2)
