@@ -459,3 +459,13 @@ def test_pruning_intermediate_layers_truncates_the_router_and_leaves_no_unused_p
     model = routed('task', 'wpl')
     model.prune_intermediate_layers([2])
     assert model.router.num_layers == 3 and model.router.logits.shape == (1, 3, 4) and model.router.value.shape[1] == 3
+
+
+def test_the_routing_benchmark_reports_every_case_with_its_ratio(tmp_path, one_thread):
+    from timm_isomix.tools.bench_routing import STEP_CASES, main
+    out = tmp_path / 'bench.json'
+    report = main(['--batch', '4', '--reps', '1', '--steps', '1', '--warmup', '0', '--out', str(out)])
+    names = {'layer_train', 'layer_infer'} | {f'step_{t}{n}' for t in ('', 'study_trunk_') for n, *_ in STEP_CASES}
+    assert set(report['results']) == names and out.is_file()
+    assert all(r['ratio'] > 0 and r['plain_ms'] > 0 for r in report['results'].values())
+    assert report['command'].endswith('--out ' + str(out)) and report['target_ratio'] == 1.15
