@@ -252,7 +252,7 @@ def run_routed(
     """One executed layer with a template per example: example b runs `templates[index[b]]`.
 
     Examples are gathered by template (one stable sort), each template runs once on its group, and the
-    results are scattered back (one index_copy): no loop over examples. When every example takes the same
+    results are put back in the batch's order (one gather by the inverse permutation): no loop over examples. When every example takes the same
     template the batch runs as it is, so a route fixed for the whole batch computes exactly that hard order.
     In training, each group is normalized with its own batch statistics and updates the layer's running
     statistics (one set per executed layer, whichever template runs there, as with the mixtures).
@@ -266,9 +266,9 @@ def run_routed(
         y = layer(x, templates[used[0]])
     else:
         perm = torch.argsort(index, stable=True)
+        inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device))
         groups = x.index_select(0, perm).split([counts[k] for k in used])
-        y = torch.cat([layer(g, templates[k]) for k, g in zip(used, groups)])
-        y = torch.empty_like(y).index_copy(0, perm, y)
+        y = torch.cat([layer(g, templates[k]) for k, g in zip(used, groups)]).index_select(0, inverse)
     if gate is not None:
         y = _StraightThroughGate.apply(y, gate)
     return y

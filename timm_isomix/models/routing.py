@@ -175,7 +175,9 @@ class Router(nn.Module):
                 else:
                     index = drawn.argmax(-1)
             else:
-                index = torch.multinomial(drawn.softmax(-1), 1).squeeze(1) if sample else drawn.argmax(-1)
+                # a draw from softmax(drawn) by the Gumbel-max trick (a few element-wise ops; multinomial is slower)
+                index = (drawn - torch.empty_like(drawn).exponential_().log()).argmax(-1) if sample \
+                    else drawn.argmax(-1)
             if inverse is not None:
                 index, gate = index[inverse], None if gate is None else gate[inverse]
             if learn and self.algorithm != 'gumbel':
@@ -221,23 +223,23 @@ class Router(nn.Module):
         task, idx = self._task, routes.t()  # (L, B)
         returns = self._returns(self.rewards(loss, correct), task, idx)  # (L, B)
         self._update_usage(task, idx)
-        total = returns.new_zeros(())
-        for d in self._decisions:
-            l, a, log_pi = d['layer'], d['index'], d['log_pi']  # log_pi: (B, K)
-            ret = returns[l]
-            if self.algorithm == 'reinforce':
-                b = self.baseline[task, l].float()
-                log_pi_a = log_pi.gather(1, a[:, None]).squeeze(1)
-                total = total - ((ret - b).detach() * log_pi_a).mean() + 0.5 * ((b - ret) ** 2).mean()
-            else:  # wpl
-                q = self.value[task, l].float()  # (B, K)
-                pi = log_pi.detach().exp()
-                delta = (q - (pi * q).sum(-1, keepdim=True)).detach()
-                step = torch.where(delta < 0, delta * pi, delta * (1. - pi))
-                q_a = q.gather(1, a[:, None]).squeeze(1)
-                total = total - (step * log_pi).sum(-1).mean() + 0.5 * ((q_a - ret) ** 2).mean()
-        self._decisions = []
-        return total
+        decisions, self._decisions = self._decisions, []
+        if not decisions:
+            return returns.new_zeros(())
+        # all decisions at once (D layers): per layer the mean over examples, summed over layers
+        layers = [d['layer'] for d in decisions]
+        log_pi = torch.stack([d['log_pi'] for d in decisions])  # (D, B, K)
+        a, ret = idx[layers], returns[layers]  # (D, B)
+        if self.algorithm == 'reinforce':
+            b = self.baseline[task][:, layers].t().float()  # (D, B)
+            log_pi_a = log_pi.gather(2, a[..., None]).squeeze(2)
+            return -((ret - b).detach() * log_pi_a).mean(1).sum() + 0.5 * ((b - ret) ** 2).mean(1).sum()
+        q = self.value[task][:, layers].transpose(0, 1).float()  # wpl: (D, B, K)
+        pi = log_pi.detach().exp()
+        delta = (q - (pi * q).sum(-1, keepdim=True)).detach()
+        step = torch.where(delta < 0, delta * pi, delta * (1. - pi))
+        q_a = q.gather(2, a[..., None]).squeeze(2)
+        return -(step * log_pi).sum(-1).mean(1).sum() + 0.5 * ((q_a - ret) ** 2).mean(1).sum()
 
     def _returns(self, final: torch.Tensor, task: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Per layer, the final reward plus the per-decision rewards (collaboration, cost) from that layer on."""
