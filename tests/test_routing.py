@@ -224,6 +224,15 @@ def test_collaboration_reward_favours_the_templates_other_tasks_use():
     assert torch.allclose(returns[0], torch.tensor([0.9, 0.1]))
 
 
+def test_a_routed_model_can_be_deep_copied_between_its_forward_and_its_loss():
+    import copy
+    model = routed('input', 'reinforce').train()
+    out = model(torch.randn(4, 3, 8, 8))
+    ema = copy.deepcopy(model)  # e.g. timm's ModelEmaV3 after a step
+    assert ema.router._decisions == [] and len(model.router._decisions) == 8
+    assert model.router.loss(out.sum(-1), out.argmax(-1) == 0).requires_grad
+
+
 def test_gumbel_temperature_follows_its_schedule():
     r = TaskRouter(1, 2, algorithm='gumbel', tau=2.0, tau_end=0.5)
     assert r.tau() == 2.0

@@ -264,6 +264,9 @@ class Router(nn.Module):
         freq = sums[seen] / counts[seen, None, None]
         self.usage[seen] = (1 - USAGE_MOMENTUM) * self.usage[seen] + USAGE_MOMENTUM * freq
 
+    def __getstate__(self):  # deepcopy / pickle (EMA copies, checkpoints): pending decisions hold autograd graphs
+        return {**self.__dict__, '_decisions': []}
+
     def extra_repr(self) -> str:
         return (f'num_layers={self.num_layers}, num_templates={self.num_templates}, num_tasks={self.num_tasks}, '
                 f'algorithm={self.algorithm}, reward={self.reward}')
