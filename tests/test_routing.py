@@ -43,6 +43,7 @@ def test_routing_kwargs_build_a_router_over_the_bank_and_keep_the_templates(rout
     assert model.schedule.mixture.is_hard  # templates run as they are; the router picks which
     assert model.bank.weight.shape == plain.bank.weight.shape
     assert model.schedule_args() == {'depth': 8}
+    assert model.mixtures() == {}  # nothing is mixed: train.py logs and draws no mixture for a routed model
 
 
 def test_training_samples_routes_and_eval_takes_the_argmax_unless_sampling_is_asked_for():

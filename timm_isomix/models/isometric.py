@@ -130,7 +130,8 @@ class IsoMixNet(IsoMixModel):
 
     # --- schedule -------------------------------------------------------------------------
     def mixtures(self) -> Dict[str, Mixture]:
-        return {'schedule': self.schedule.mixture}
+        """The schedule's mixture; none for a routed model (its router chooses the templates, see route usage)."""
+        return {'schedule': self.schedule.mixture} if self.router is None else {}
 
     def set_schedule(self, reuse: Optional[int] = None, order: Order = None, depth: Optional[int] = None) -> None:
         """Change depth (`reuse` * K or `depth` layers, cyclic learnable logits) or set a hard order."""

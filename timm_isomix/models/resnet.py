@@ -202,8 +202,8 @@ class IsoMixResNet(IsoMixModel):
 
     # --- schedule -------------------------------------------------------------------------
     def mixtures(self) -> Dict[str, Mixture]:
-        """The mixture of every banked stage, by stage name."""
-        return {f'stages.{i}': s.schedule.mixture for i, s in enumerate(self.stages)}
+        """The mixture of every banked stage, by stage name (routed stages have none: their router chooses)."""
+        return {f'stages.{i}': s.schedule.mixture for i, s in enumerate(self.stages) if s.router is None}
 
     def set_schedule(self, reuse: Optional[Union[int, Sequence[int]]] = None, order: Order = None) -> None:
         """Change depth (`reuse`, one value or one per stage) and/or set hard orders; templates are untouched.
