@@ -332,7 +332,7 @@ def test_set_schedule_from_the_pretrained_hard_order_gives_sharp_learnable_logit
 def test_a_deeper_schedule_keeps_the_statistics_of_each_pass():
     """reuse 2 -> 3: the second pass over the templates keeps its own statistics (not the first pass's);
     the new third pass starts from the first pass's."""
-    model = timm.create_model('isomix_iso_64_8_p2', reuse=2)  # 8 layers over 4 templates
+    model = timm.create_model('isomix_iso_64_8_p2', reuse=2, mixture_init='cyclic')  # 8 layers over 4 templates
     with torch.no_grad():
         for l, layer in enumerate(model.schedule.layers):
             layer.bn1.running_mean.fill_(l)
@@ -345,7 +345,7 @@ def test_a_deeper_schedule_keeps_the_statistics_of_each_pass():
 
 @pytest.mark.parametrize('name', ['isomix_resnet18', 'isomix_iso_64_8_p2'])
 def test_init_weights_sets_every_parameter_and_buffer_including_the_mixture_logits(name):
-    model = timm.create_model(name, device='meta').to_empty(device='cpu')
+    model = timm.create_model(name, device='meta', mixture_init='cyclic').to_empty(device='cpu')
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             if t.is_floating_point():
@@ -353,7 +353,7 @@ def test_init_weights_sets_every_parameter_and_buffer_including_the_mixture_logi
     model.init_weights()
     bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if not torch.isfinite(t).all()]
     assert not bad
-    fresh = timm.create_model(name)
+    fresh = timm.create_model(name, mixture_init='cyclic')
     for (n, mixture), expected in zip(model.mixtures().items(), fresh.mixtures().values()):
         assert torch.equal(mixture.logits, expected.logits), n  # the initial (cyclic) logits
 

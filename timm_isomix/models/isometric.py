@@ -40,7 +40,7 @@ class IsoMixNet(IsoMixModel):
             order: Order = None,
             temperature: float = 1.0,
             init_logit: float = INIT_LOGIT,
-            mixture_init: str = 'cyclic',
+            mixture_init: str = 'random',
             routing: Optional[str] = None,
             router: Optional[str] = None,
             num_tasks: int = 1,
@@ -65,7 +65,9 @@ class IsoMixNet(IsoMixModel):
             order: a hard order, one template index per executed layer (L = its length).
             temperature: softmax temperature of the mixture.
             init_logit: initial logit of each layer's scheduled template (cyclic order), the others 0.
-            mixture_init: how the mixture logits start: 'cyclic', 'uniform' or 'random' (see bank.MIXTURE_INITS).
+            mixture_init: how the mixture logits start: 'random' (default: U(0, 1), the authors' start; the
+                mixture-dynamics study found no accuracy cost and only non-cyclic starts let mixtures move),
+                'uniform' or 'cyclic' (see bank.MIXTURE_INITS).
             routing: Routing Networks instead of a mixture: 'task' (a route per task) or 'input' (per example);
                 see models/routing.py. `router`: 'reinforce' (default), 'wpl' or 'gumbel'; `num_tasks`: tasks the
                 router tells apart (forward(x, task=...)); `router_args`: reward, cost, collab, tau, tau_end, hidden, embed.

@@ -136,7 +136,7 @@ def _add_optimizer_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--clip-mode', type=str, default='norm', choices=['norm', 'value', 'agc'])
     g.add_argument('--layer-decay', type=float, default=None)
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
-    g.add_argument('--mixture-lr-mult', type=float, default=1.0,
+    g.add_argument('--mixture-lr-mult', type=float, default=10.0,
                    help='isomix: learning-rate multiplier of the mixture logits (their own group, no weight decay)')
 
 
