@@ -3,6 +3,7 @@
 Every model here is tiny (isomix_iso_64_8_p2 at width 16 or less, 8-16 px inputs), so the whole file runs in
 seconds except the train.py and torchrun runs.
 """
+import json
 import subprocess
 import sys
 
@@ -479,3 +480,120 @@ def test_the_routing_benchmark_reports_every_case_with_its_ratio(tmp_path, one_t
     assert set(report['results']) == names and out.is_file()
     assert all(r['ratio'] > 0 and r['plain_ms'] > 0 for r in report['results'].values())
     assert report['command'].endswith('--out ' + str(out)) and report['target_ratio'] == 1.15
+
+
+# --- train.py --tasks with routing ----------------------------------------------------------------
+TASK_TRUNK = {'width': 16, 'depth': 4, 'num_templates': 2}
+
+
+@pytest.mark.parametrize('bad', [{'share_from': 0}, {'patch': True}, {'hard_shared': True}, {'independent': True},
+                                 {'mixture_init': 'random'}, {'share_head': True}])
+def test_a_routed_task_config_refuses_the_mixture_models_options(bad):
+    from timm_isomix.tasks.multitask import build_task_model
+    cfg = {'model_kwargs': {**TASK_TRUNK, 'routing': 'task'}, 'tasks': [{'name': 'a', 'data': 'x', 'classes': 3}]}
+    with pytest.raises(ValueError, match=rf"\['{next(iter(bad))}'\] are mixture-model options"):
+        build_task_model({**cfg, **bad})
+    with pytest.raises(ValueError, match='router_lr 0.1 needs a routed model'):
+        build_task_model({**cfg, 'model_kwargs': TASK_TRUNK, 'router_lr': 0.1})
+
+
+def test_task_files_routing_keys_build_a_routed_model_and_flags_fill_what_the_file_leaves_out(tmp_path):
+    from timm_isomix.tasks.multitask import build_task_model, config_from_flags
+    from timm_isomix.tasks.routing import RoutedMultiTask
+    from timm_isomix.train.config import parse_train_args
+    plain = tmp_path / 'plain.yaml'
+    plain.write_text('model_kwargs: {width: 16, depth: 4, num_templates: 2}\n'
+                     'tasks: [{name: a, data: x, classes: 3}, {name: b, data: x, classes: 2}]\n')
+    flags = ['--routing', 'input', '--router', 'gumbel', '--router-tau', '2', '--router-lr', '0.05']
+    config = config_from_flags(parse_train_args(['--tasks', str(plain)] + flags)[0])
+    assert config.router_lr == 0.05
+    assert config.model_kwargs == {**TASK_TRUNK, 'routing': 'input', 'router': 'gumbel', 'router_args': {'tau': 2.0}}
+    model = build_task_model(config)
+    assert isinstance(model, RoutedMultiTask) and isinstance(model.router, InputRouter)
+    assert model.router.num_tasks == 2 and model(torch.randn(2, 3, 8, 8), task='b').shape == (2, 2)
+    routed_file = tmp_path / 'routed.yaml'
+    routing = 'num_templates: 2, routing: task, router: wpl, router_args: {collab: 0.1}'
+    routed_file.write_text(plain.read_text().replace('num_templates: 2', routing) + 'router_lr: 0.2\n')
+    config = config_from_flags(parse_train_args(['--tasks', str(routed_file)] + flags)[0])  # the file's keys win
+    assert config.router_lr == 0.2
+    assert (config.model_kwargs['routing'], config.model_kwargs['router']) == ('task', 'wpl')
+    assert config.model_kwargs['router_args'] == {'tau': 2.0, 'collab': 0.1}
+
+
+def test_the_routing_digits_task_file_builds_a_per_task_wpl_model():
+    from timm_isomix.tasks.multitask import build_task_model, read_task_config
+    config = read_task_config(ROOT / 'hparams' / 'routing_digits.yaml')
+    model = build_task_model(config)
+    assert isinstance(model.router, TaskRouter) and model.router.algorithm == 'wpl' and config.router_lr == 0.03
+    assert list(model.task_ids) == ['mnist', 'usps', 'mnistm', 'cifar10'] and model.router.num_tasks == 4
+
+
+@pytest.fixture(scope='module')
+def tiny_digits(shared_dataset, tmp_path_factory):
+    """USPS and MNIST, 2 training and 1 validation image per class."""
+    root = tmp_path_factory.mktemp('tiny_digits_routing')
+    return {n: make_tiny_folder(shared_dataset(n), root / n, 2, 1) for n in ('usps', 'mnist')}
+
+
+def _task_file(path, digits, **model_kwargs):
+    import yaml
+    path.write_text(yaml.safe_dump({
+        'model': 'isomix_iso_64_8_p2', 'model_kwargs': {**TASK_TRUNK, **model_kwargs}, 'img_size': 16, 'epochs': 1,
+        'batch_size': 8, 'tasks': [{'name': n, 'data': str(d), 'classes': 10} for n, d in digits.items()]}))
+    return path
+
+
+def _check_routed_run(out, routing):
+    from timm_isomix.tasks.multitask import load_task_model
+    results = json.loads((out / 'results.json').read_text())
+    for name in ('model.pth', 'summary.csv', 'routes.png', 'routes-sharing.png'):
+        assert (out / name).is_file(), name
+    assert not (out / 'mixtures.png').exists() and not list(out.glob('task_*.pth'))  # no mixtures to show
+    assert set(results['routes']) == {'usps', 'mnist'} and len(results['js_per_layer']) == 4
+    for frequencies in results['routes'].values():  # (layers, templates): each layer's frequencies sum to one
+        assert torch.allclose(torch.tensor(frequencies).sum(-1), torch.ones(4))
+    model = load_task_model(out / 'model.pth').eval()
+    assert isinstance(model.router, {'task': TaskRouter, 'input': InputRouter}[routing])
+    assert model(torch.randn(2, 3, 16, 16), task='mnist').shape == (2, 10)
+    return model, results
+
+
+def test_train_py_tasks_trains_per_task_wpl_and_per_input_gumbel_routers(tiny_digits, tmp_path, monkeypatch,
+                                                                         one_thread):
+    """Routing from the task file (per-task WPL) and from train.py's flags (per-input Gumbel), in one process."""
+    import timm_isomix.tasks.multitask as multitask
+    from helpers import load_script
+    router_lrs = []
+
+    def fit_tasks(*args, **kwargs):  # the real training, recording the router's learning rate
+        router_lrs.append(kwargs['router_lr'])
+        return real_fit(*args, **kwargs)
+    real_fit = multitask.fit_tasks
+    monkeypatch.setattr(multitask, 'fit_tasks', fit_tasks)
+    main = load_script('train').main
+    wpl = _task_file(tmp_path / 'wpl.yaml', tiny_digits, routing='task', router='wpl', router_args={'collab': 0.1})
+    assert main(['--tasks', str(wpl), '--router-lr', '0.3', '--output', str(tmp_path), '--experiment', 'wpl']) == 0
+    model, _ = _check_routed_run(tmp_path / 'wpl', 'task')
+    assert model.router.algorithm == 'wpl' and model.router.collab == 0.1
+    assert not torch.equal(model.router.value, torch.zeros_like(model.router.value))  # the values learned
+    plain = _task_file(tmp_path / 'plain.yaml', tiny_digits)
+    assert main(['--tasks', str(plain), '--routing', 'input', '--router', 'gumbel', '--router-tau', '2',
+                 '--router-tau-end', '0.5', '--output', str(tmp_path), '--experiment', 'gumbel']) == 0
+    model, results = _check_routed_run(tmp_path / 'gumbel', 'input')
+    assert model.router.algorithm == 'gumbel' and (model.router.tau_start, model.router.tau_end) == (2., 0.5)
+    assert results['params'] == sum(p.numel() for p in model.parameters())
+    assert router_lrs == [0.3, None]  # the flag fills the file's silence; none given: the router trains at lr
+
+
+def test_torchrun_trains_routed_tasks_from_a_task_file_with_two_cpu_processes(tiny_digits, tmp_path):
+    """Per-input routes, 2 examples per task and rank: most templates go unused at most layers on each rank."""
+    task_file = _task_file(tmp_path / 'ddp.yaml', tiny_digits, routing='input', router='reinforce')
+    cmd = [PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(ROOT / 'train.py'),
+           '--tasks', str(task_file), '-b', '2', '--router-lr', '0.01', '--output', str(tmp_path),
+           '--experiment', 'ddp']
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'process 1 of 2' in result.stderr
+    model, results = _check_routed_run(tmp_path / 'ddp', 'input')
+    assert len(results['history']) == 1 and set(results['top1']) == {'usps', 'mnist'}
+    assert not (tmp_path / 'ddp-1').exists()  # only rank 0 writes

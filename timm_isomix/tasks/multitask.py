@@ -5,6 +5,10 @@
 
 `train.py --tasks FILE` translates its flags into the same config (`config_from_flags`): values in the
 task file take precedence, flags fill in what the file leaves out.
+
+Routing Networks: `model_kwargs` with `routing` ('task' or 'input'; with `router` and `router_args`, or train.py's
+`--routing --router --router-*` flags) makes the model a `RoutedMultiTask` (tasks/routing.py): one routed trunk,
+a head per task, the router trained at `router_lr`; the run then writes route frequencies instead of mixtures.
 """
 import argparse
 import dataclasses
@@ -27,10 +31,11 @@ from ..train.files import atomic_save, atomic_write_bytes
 from ..train.plots import js_sharing, plot_sharing, plot_task_mixtures
 from .data import load_task_data
 from .fit import fit_tasks
+from .routing import RoutedMultiTask, build_routed_task_model, plot_route_usage, route_usage
 
 __all__ = [
     'TaskSpec', 'MultiTaskConfig', 'VARIANTS', 'read_task_config', 'config_from_flags', 'build_task_model',
-    'load_task_model', 'train_tasks',
+    'load_task_model', 'train_tasks', 'is_routed',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -72,6 +77,7 @@ class MultiTaskConfig:
     opt: str = 'adamw'
     weight_decay: float = 0.05
     mixture_lr_mult: float = 10.
+    router_lr: Optional[float] = None    # routed models (model_kwargs routing=...): the router's lr; None: lr
     warmup_epochs: int = 0
     seed: int = 42
     output: str = './output/train'
@@ -148,21 +154,57 @@ def config_from_flags(args: argparse.Namespace) -> MultiTaskConfig:
     """train.py --tasks: the task file's values, then train.py's flags where the file says nothing."""
     config = read_task_config(args.tasks)
     given = yaml.safe_load(Path(args.tasks).read_text()) if not isinstance(args.tasks, dict) else args.tasks
+    given = given or {}
     for name in ('model', 'img_size', 'epochs', 'lr', 'batch_size', 'opt', 'weight_decay', 'mixture_lr_mult',
-                 'warmup_epochs', 'output', 'experiment', 'device'):
+                 'router_lr', 'warmup_epochs', 'output', 'experiment', 'device'):
         value = getattr(args, name, None)
-        if (given or {}).get(name) is None and value not in (None, ''):
+        if given.get(name) is None and value not in (None, ''):
             setattr(config, name, value)
+    # --model-kwargs and the router flags (folded into model kwargs by train.config.fold_router_args): per key,
+    # the file's value first; router_args merge key by key the same way.
+    for key, value in (getattr(args, 'model_kwargs', None) or {}).items():
+        if key == 'router_args' and isinstance(config.model_kwargs.get(key), dict):
+            config.model_kwargs[key] = {**value, **config.model_kwargs[key]}
+        else:
+            config.model_kwargs.setdefault(key, value)
     if getattr(args, 'seed', None) is not None:
         config.seed = int(args.seed)
     return config
 
 
-def build_task_model(config: Union[MultiTaskConfig, Dict[str, Any]]) -> MultiTaskIsoMix:
+def is_routed(config: MultiTaskConfig) -> bool:
+    """Whether the config asks for Routing Networks (`routing` in its model kwargs)."""
+    return config.model_kwargs.get('routing') is not None
+
+
+def _build_routed(config: MultiTaskConfig) -> RoutedMultiTask:
+    """The routed multi-task model: the mixture-model controls have no meaning for it, so they are refused."""
+    controls = {'share_from': config.share_from is not None, 'mixture_init': config.mixture_init is not None,
+                'hard_shared': config.hard_shared, 'patch': config.patch, 'independent': config.independent,
+                'share_head': config.share_head}
+    bad = [k for k, on in controls.items() if on]
+    if bad:
+        routing = config.model_kwargs['routing']
+        raise ValueError(f'{bad} are mixture-model options; a routed model (routing={routing!r}) shares one '
+                         'routed trunk and has a head per task: remove them or remove routing')
+    if 'num_tasks' in config.model_kwargs:
+        raise ValueError('model_kwargs num_tasks: a routed multi-task model takes its number of tasks from "tasks"')
+    return build_routed_task_model(config.model, {t.name: t.num_classes for t in config.tasks}, **config.model_kwargs)
+
+
+def build_task_model(config: Union[MultiTaskConfig, Dict[str, Any]]) -> Union[MultiTaskIsoMix, RoutedMultiTask]:
     """The multi-task model a config describes (`model`, `model_kwargs`, `tasks`, `share_from`, `init_logit`,
     `mixture_init`, and the controls `hard_shared` (one trunk, own heads), `patch` (own BatchNorm scale and
-    shift), `independent` (own stem and bank) or `share_head` (one head))."""
+    shift), `independent` (own stem and bank) or `share_head` (one head)).
+
+    With `routing` in `model_kwargs`, a `RoutedMultiTask` (Routing Networks; `init_logit` does not apply,
+    the mixture controls raise ValueError)."""
     config = read_task_config(config)
+    if is_routed(config):
+        return _build_routed(config)
+    if config.router_lr is not None:
+        raise ValueError(f'router_lr {config.router_lr} needs a routed model: add routing (task or input) to '
+                         'model_kwargs (or train.py --routing)')
     if config.hard_shared and (config.patch or config.independent):
         raise ValueError('hard_shared (one trunk for all tasks) excludes patch and independent')
     trunk = timm.create_model(config.model, num_classes=0, **config.model_kwargs)
@@ -179,8 +221,8 @@ def build_task_model(config: Union[MultiTaskConfig, Dict[str, Any]]) -> MultiTas
     return model
 
 
-def load_task_model(path: Union[str, Path], map_location: str = 'cpu') -> MultiTaskIsoMix:
-    """Rebuild a trained multi-task model from the `model.pth` that train_tasks writes (then add tasks to it)."""
+def load_task_model(path: Union[str, Path], map_location: str = 'cpu') -> Union[MultiTaskIsoMix, RoutedMultiTask]:
+    """Rebuild a trained multi-task model (routed or not) from the `model.pth` that train_tasks writes."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     model = build_task_model(ckpt['config'])
     model.load_state_dict(ckpt['state_dict'])
@@ -198,8 +240,21 @@ def _task_datasets(config: MultiTaskConfig):
     return train_sets, val_sets
 
 
-def _write_outputs(model: MultiTaskIsoMix, config: MultiTaskConfig, out_dir: Path, results: dict) -> None:
+def _write_routes(model: RoutedMultiTask, val_sets, out_dir: Path, results: dict, device) -> None:
+    """Route frequencies (eval-mode argmax routes on the validation sets) per task x layer x template, their
+    Jensen-Shannon sharing per layer, and the plots (routes.png, routes-sharing.png, routes-per-class-*.png)."""
+    usage = route_usage(model, val_sets, device=device)
+    results['routes'] = {t: v.tolist() for t, v in usage['per_task'].items()}
+    results['js_per_layer'] = usage['js_per_layer'].tolist()
+    plot_route_usage(usage, out_dir)
+
+
+def _write_outputs(model, config: MultiTaskConfig, out_dir: Path, results: dict, val_sets, device) -> None:
     atomic_save({'config': config.to_dict(), 'state_dict': model.state_dict()}, str(out_dir / 'model.pth'))
+    if isinstance(model, RoutedMultiTask):  # no mixtures; a task's route depends on the shared router: no task files
+        _write_routes(model, val_sets, out_dir, results, device)
+        atomic_write_bytes(json.dumps(results, indent=1).encode(), str(out_dir / 'results.json'))
+        return
     for t in model.tasks:
         atomic_save({'task': t, 'num_classes': model.tasks[t].num_classes,
                      'state_dict': model.task_state_dict(t)}, str(out_dir / f'task_{t}.pth'))
@@ -215,13 +270,18 @@ def train_tasks(config: Union[MultiTaskConfig, str, Path, Dict[str, Any]]) -> di
 
     Writes to `<output>/<experiment>` (a new folder, never an existing one): `model.pth` (everything),
     `task_<name>.pth` per task (its mixtures, statistics and head), `summary.csv`, `results.json`,
-    `mixtures.png` (alpha per task x layer x template) and `sharing.png` (per-layer Jensen-Shannon).
+    `mixtures.png` (alpha per task x layer x template) and `sharing.png` (per-layer Jensen-Shannon). A routed
+    model (Routing Networks) writes `model.pth`, `summary.csv`, `results.json` with `routes` (per task: route
+    frequency per layer x template on the validation set) and `js_per_layer`, `routes.png`, `routes-sharing.png`
+    (and `routes-per-class-<task>.png` for per-input routes).
     Runs under torchrun like single-task training (gloo on CPU, one sampler shard per rank).
     """
     config = read_task_config(config)
     dist = argparse.Namespace(device=config.device, dist_backend=None, dist_url='env://')
     device = setup_distributed(dist)
     primary = getattr(dist, 'rank', 0) == 0
+    if getattr(dist, 'distributed', False):
+        _logger.info(f'Distributed: process {dist.rank} of {dist.world_size}, device {device}')
     torch.manual_seed(config.seed)  # the same initial model on every rank
     model = build_task_model(config).to(device)
     train_sets, val_sets = _task_datasets(config)
@@ -242,12 +302,12 @@ def train_tasks(config: Union[MultiTaskConfig, str, Path, Dict[str, Any]]) -> di
         model, train_sets, val_sets if primary else None, epochs=config.epochs, lr=config.lr,
         batch_size=config.batch_size, opt=config.opt, weight_decay=config.weight_decay,
         mixture_lr_mult=config.mixture_lr_mult, warmup_epochs=config.warmup_epochs, device=device,
-        seed=config.seed, distributed=getattr(dist, 'distributed', False), log_fn=log)
+        seed=config.seed, distributed=getattr(dist, 'distributed', False), log_fn=log, router_lr=config.router_lr)
     counts = model.param_counts()
     results = {'model': config.model, 'tasks': [t.name for t in config.tasks], 'out_dir': str(out_dir),
                'params': counts['total'], 'history': history, 'task_params': counts['own'],
                'used_params': counts['used']}
     if primary:
-        results['top1'] = {t: history[-1][f'{t}_top1'] for t in model.tasks}
-        _write_outputs(model, config, out_dir, results)
+        results['top1'] = {t.name: history[-1][f'{t.name}_top1'] for t in config.tasks}
+        _write_outputs(model, config, out_dir, results, val_sets, device)
     return results

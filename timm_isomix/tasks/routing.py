@@ -81,6 +81,15 @@ class RoutedMultiTask(nn.Module):
     def no_weight_decay(self) -> set:
         return {f'trunk.{n}' for n in self.trunk.no_weight_decay()}
 
+    def param_counts(self) -> Dict[str, object]:
+        """Parameter counts as `MultiTaskIsoMix.param_counts`: 'total', 'shared' (the trunk and its router),
+        'own' per task (its head: a task's router row or embedding is a slice of a shared tensor) and 'used'
+        per task (the trunk and its own head: its network's size)."""
+        heads = {t: sum(p.numel() for p in h.parameters()) for t, h in self.heads.items()}
+        total = sum(p.numel() for p in self.parameters())
+        trunk = total - sum(heads.values())
+        return {'total': total, 'shared': trunk, 'own': heads, 'used': {t: trunk + n for t, n in heads.items()}}
+
 
 def build_routed_task_model(
         model: str,
