@@ -6,9 +6,11 @@ initialisation and the data order). Training: AdamW, cosine schedule with warm-u
 random crop (4 px padding) and, for natural images, horizontal flip; the mixture logits in their own
 group (`mixture_lr_mult`, no weight decay). Each epoch records train loss and accuracy, val top-1 and how
 the mixtures moved (mixture_stats.py), and saves the run's state, so a killed run resumes where it was.
-The result is the last epoch's val top-1: nothing is selected on the validation data.
+The result is the last epoch's val top-1: nothing is selected on the validation data. Runs use CUDA when
+it is available (`$ISOMIX_DEVICE` overrides), else the CPU.
 """
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -28,13 +30,17 @@ from ..train.optim import mixture_param_groups
 from .mixture_stats import alphas_of, mixture_stats
 from .runner import RunState, Scale, state_root
 
-__all__ = ['DEFAULTS', 'task_tensors', 'build_model', 'train_classifier', 'fit', 'evaluate']
+__all__ = ['DEFAULTS', 'run_device', 'task_tensors', 'build_model', 'train_classifier', 'fit', 'evaluate']
 
 DEFAULTS: Dict[str, Any] = dict(
     model='isomix_iso_64_8_p2', model_kwargs={}, data='cifar10', img_size=32, flip=True,
     opt='adamw', lr=3e-3, weight_decay=0.05, mixture_lr_mult=1.0, warmup_epochs=1, smoothing=0.1,
 )
 DATA_SEED = 0  # the training subset is the same for every run seed
+
+
+def run_device() -> torch.device:
+    return torch.device(os.environ.get('ISOMIX_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu'))
 
 
 def task_tensors(data: str, img_size: int, train_limit: Optional[int], val_limit: Optional[int]):
@@ -80,7 +86,8 @@ def _augment(x: torch.Tensor, g: torch.Generator, flip: bool) -> torch.Tensor:
 def evaluate(model: nn.Module, dataset, batch_size: int = 256) -> float:
     model.eval()
     xs, ys = dataset.tensors
-    correct = sum((model(xs[i:i + batch_size]).argmax(-1) == ys[i:i + batch_size]).sum().item()
+    device = next(model.parameters()).device
+    correct = sum((model(xs[i:i + batch_size].to(device)).argmax(-1).cpu() == ys[i:i + batch_size]).sum().item()
                   for i in range(0, len(ys), batch_size))
     return 100. * correct / max(len(ys), 1)
 
@@ -104,7 +111,8 @@ def _train_epoch(model, optimizer, scheduler, train, cfg, batch_size: int, epoch
     loss_sum = correct = seen = 0.
     for step in range(steps):
         idx = perm[step * batch_size:(step + 1) * batch_size]
-        x, y = _augment(xs[idx], g, cfg['flip']), ys[idx]
+        device = next(model.parameters()).device
+        x, y = _augment(xs[idx], g, cfg['flip']).to(device), ys[idx].to(device)
         out = model(x)
         loss = F.cross_entropy(out, y, label_smoothing=cfg['smoothing'])
         if not math.isfinite(loss.item()):
@@ -126,6 +134,7 @@ def fit(model: nn.Module, train, val, cfg: Dict[str, Any], epochs: int, batch_si
     steps = len(train.tensors[1]) // batch_size
     if steps == 0:
         raise ValueError(f'{len(train.tensors[1])} training images give no batch of {batch_size}')
+    model.to(run_device())
     optimizer, scheduler = _optimizer(model, cfg, epochs, steps)
     start_alphas, history, start_epoch = alphas_of(model), [], 0
     saved = state.load() if state is not None else None
@@ -157,7 +166,7 @@ def train_classifier(config: Dict[str, Any], seed: int, scale: Scale, state: Run
     history = out['history']
     return {
         'top1': history[-1]['top1'], 'params': sum(p.numel() for p in model.parameters()),
-        'macs': count_macs(model, (3, cfg['img_size'], cfg['img_size'])),
+        'macs': count_macs(model.cpu(), (3, cfg['img_size'], cfg['img_size'])),
         'train_time': sum(h['time'] for h in history), 'train_images': len(train.tensors[1]),
         'val_images': len(val.tensors[1]), 'alphas': out['alphas'], 'start_alphas': out['start_alphas'],
         **{k: history[-1][k] for k in ('entropy', 'moved', 'changed', 'diversity') if k in history[-1]},
