@@ -108,10 +108,10 @@ def _train_epoch(model, optimizer, scheduler, train, cfg, batch_size: int, epoch
     steps = len(ys) // batch_size
     perm = torch.randperm(len(ys), generator=g)
     model.train()
+    device = next(model.parameters()).device
     loss_sum = correct = seen = 0.
     for step in range(steps):
         idx = perm[step * batch_size:(step + 1) * batch_size]
-        device = next(model.parameters()).device
         x, y = _augment(xs[idx], g, cfg['flip']).to(device), ys[idx].to(device)
         out = model(x)
         loss = F.cross_entropy(out, y, label_smoothing=cfg['smoothing'])

@@ -19,6 +19,7 @@ from timm.utils import AverageMeter, ModelEmaV3, NativeScaler, accuracy, dispatc
 
 from ..models.routing import Router
 from .distributed import is_primary, unwrap
+from .optim import model_lr
 
 __all__ = ['train_one_epoch', 'evaluate', 'autocast', 'routing_loss']
 
@@ -68,8 +69,7 @@ def routing_loss(routers: List[Router], output: torch.Tensor, target: torch.Tens
 def _log_update(epoch, update_idx, num_updates_epoch, last_batch, loss, losses, batch_time, data_time, optimizer,
                 images, args, bar, logger) -> None:
     """The progress bar after every update; a timm-style log line every --log-interval updates."""
-    lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') not in ('mixture', 'router')] or [0.]
-    lr = sum(lrs) / len(lrs)  # the mixture group's own lr is lr * --mixture-lr-mult
+    lr = model_lr(optimizer)
     eta = batch_time.avg * (num_updates_epoch - update_idx - 1)
     bar.update(f'epoch {epoch} {update_idx + 1}/{num_updates_epoch} loss {losses.val:.3f} '
                f'{images / max(batch_time.val, 1e-9):.0f} img/s eta {eta:.0f}s', (update_idx + 1) / num_updates_epoch)

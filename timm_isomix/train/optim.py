@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer_decay, param_groups_weight_decay
 
-__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'is_router_param', 'create_optimizer', 'resolve_lr']
+__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'is_router_param', 'model_lr', 'create_optimizer', 'resolve_lr']
 
 _logger = logging.getLogger('train')
 
@@ -56,6 +56,12 @@ def mixture_param_groups(
         out.append({'params': router, 'weight_decay': 0., 'lr': lr if router_lr is None else router_lr,
                     'group_name': 'router'})
     return out
+
+
+def model_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The mean lr of the model's own groups: the mixture and router groups run at their own rates."""
+    lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') not in ('mixture', 'router')] or [0.]
+    return sum(lrs) / len(lrs)
 
 
 def create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:

@@ -37,7 +37,7 @@ from .config import ConfigError
 from .distributed import is_primary, setup_distributed
 from .loop import evaluate, train_one_epoch
 from .mixture_log import log_mixtures, write_mixture_heatmap
-from .optim import create_optimizer, resolve_lr
+from .optim import create_optimizer, model_lr, resolve_lr
 
 __all__ = ['train', 'input_img_mode', 'input_chans']
 
@@ -228,11 +228,6 @@ def _create_scheduler(args, optimizer, updates_per_epoch: int, start_epoch: int,
     return lr_scheduler, num_epochs, start_epoch
 
 
-def _mean_lr(optimizer) -> float:
-    lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') != 'mixture'] or [0.]
-    return sum(lrs) / len(lrs)  # the mixture group's own lr is lr * --mixture-lr-mult
-
-
 class _Run:
     """Everything one training run holds between epochs."""
 
@@ -345,7 +340,7 @@ class _Run:
         """Rank 0: summary row, mixture log and heatmap, checkpoints. Returns the heatmap's path."""
         args, model = self.args, self.module
         update_summary(epoch, {'loss': train_metrics['loss']}, eval_metrics or {}, filename=self.summary,
-                       lr=_mean_lr(self.optimizer), write_header=not os.path.exists(self.summary))
+                       lr=model_lr(self.optimizer), write_header=not os.path.exists(self.summary))
         log_mixtures(model, epoch)
         heatmap = write_mixture_heatmap(model, self.output_dir, epoch)
         state = {
