@@ -54,9 +54,9 @@ def _same_weights(model, state_dict):
 
 # --- published tags ----------------------------------------------------------------------------
 def test_published_tags_are_listed_after_the_untagged_cfg_and_name_the_default_org():
-    assert 'isomix_iso_64_8_p2.cifar10' in timm.list_models('isomix_iso_64_8_p2', include_tags=True)
-    cfg = timm.models.get_pretrained_cfg('isomix_iso_64_8_p2.cifar10')
-    assert cfg.hf_hub_id == f'{hub.DEFAULT_ORG}/isomix_iso_64_8_p2.cifar10' and cfg.num_classes == 10
+    assert 'isomix_iso_64_8_p4.cifar10' in timm.list_models('isomix_iso_64_8_p4', include_tags=True)
+    cfg = timm.models.get_pretrained_cfg('isomix_iso_64_8_p4.cifar10')
+    assert cfg.hf_hub_id == f'{hub.DEFAULT_ORG}/isomix_iso_64_8_p4.cifar10' and cfg.num_classes == 10
 
 
 def test_published_repo_id_follows_the_org_environment_variable(monkeypatch):
@@ -70,11 +70,11 @@ def test_an_unpublished_tag_names_the_org_set_after_import_and_the_publish_comma
                         lambda repo_id, filename, cache_dir: asked.append((repo_id, filename)))
     monkeypatch.setenv(hub.ORG_ENV, 'my-lab')
     with pytest.raises(hub.WeightsNotPublishedError,
-                       match=r'weights of my-lab/isomix_iso_64_8_p2.cifar10 are not published.*'
-                             r'`python -m timm_isomix.hub.publish CHECKPOINT --repo-id my-lab/isomix_iso_64_8_p2.cifar10`'):
-        timm.create_model('isomix_iso_64_8_p2.cifar10', pretrained=True)
+                       match=r'weights of my-lab/isomix_iso_64_8_p4.cifar10 are not published.*'
+                             r'`python -m timm_isomix.hub.publish CHECKPOINT --repo-id my-lab/isomix_iso_64_8_p4.cifar10`'):
+        timm.create_model('isomix_iso_64_8_p4.cifar10', pretrained=True)
     # the weight files timm looks for, safetensors first, all in the org set after import
-    assert asked == [('my-lab/isomix_iso_64_8_p2.cifar10', name)
+    assert asked == [('my-lab/isomix_iso_64_8_p4.cifar10', name)
                      for name in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')]
 
 
@@ -187,7 +187,7 @@ LOADER = textwrap.dedent('''
     from timm_isomix import hub
     out, report = {}, {}
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    for key, name in (('hf_hub', 'hf-hub:acme/isomix_iso_64_8_p2.cifar10'), ('tag', 'isomix_iso_64_8_p2.cifar10'),
+    for key, name in (('hf_hub', 'hf-hub:acme/isomix_iso_64_8_p4.cifar10'), ('tag', 'isomix_iso_64_8_p4.cifar10'),
                       ('pickled', 'hf-hub:acme/pickled')):
         model = timm.create_model(name, pretrained=True).eval()
         report[key] = dict(schedule=model.schedule_args(), mean=list(model.pretrained_cfg['mean']),
@@ -195,7 +195,7 @@ LOADER = textwrap.dedent('''
         out.update({f'{key}/{k}': v.contiguous() for k, v in model.state_dict().items()})
         with torch.no_grad():
             out[f'{key}/output'] = model(x)
-    for key, name in (('unpublished', 'isomix_iso_128_16_p2.cifar10'), ('unsafe', 'hf-hub:acme/unsafe')):
+    for key, name in (('unpublished', 'isomix_iso_64_8_p4.miniimagenet32'), ('unsafe', 'hf-hub:acme/unsafe')):
         try:
             timm.create_model(name, pretrained=True)
             report[key] = 'loaded'
@@ -226,19 +226,19 @@ def _env(tmp_path, endpoint, **extra):
 
 def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(olah, tmp_path):
     # published with a schedule other than the registry default (12 layers, not 8): the tag must read config.json
-    ckpt_path = write_train_checkpoint(tmp_path / 'run', depth=12)
+    ckpt_path = write_train_checkpoint(tmp_path / 'run', arch='isomix_iso_64_8_p4', depth=12)
     ckpt = torch.load(ckpt_path, weights_only=True)
     commits = CommitServer(olah).start()
     try:
         res = subprocess.run(
-            [sys.executable, '-m', 'timm_isomix.hub.publish', str(ckpt_path), '--repo-id', 'acme/isomix_iso_64_8_p2.cifar10'],
+            [sys.executable, '-m', 'timm_isomix.hub.publish', str(ckpt_path), '--repo-id', 'acme/isomix_iso_64_8_p4.cifar10'],
             env=_env(tmp_path / 'publisher', commits.endpoint, HF_TOKEN='hf_local_test'),
             capture_output=True, text=True, timeout=240)
     finally:
         commits.stop()
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f'{commits.endpoint}/acme/isomix_iso_64_8_p2.cifar10/commit/' in res.stdout
-    repo = olah.mirrors / 'models' / 'acme' / 'isomix_iso_64_8_p2.cifar10'
+    assert f'{commits.endpoint}/acme/isomix_iso_64_8_p4.cifar10/commit/' in res.stdout
+    repo = olah.mirrors / 'models' / 'acme' / 'isomix_iso_64_8_p4.cifar10'
     assert sorted(p.name for p in repo.iterdir() if p.name != '.git') == [
         'README.md', 'config.json', 'mixtures.png', 'model.safetensors']
     pickled = tmp_path / 'pickled'
@@ -268,8 +268,8 @@ def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(ola
         assert report[key]['file'].startswith(str(tmp_path / 'hf-cache'))  # downloaded, into the fresh cache
         assert all(torch.equal(loaded[f'{key}/{k}'], v) for k, v in ckpt['state_dict'].items())
         assert torch.equal(loaded[f'{key}/output'], expected)
-    assert report['unpublished'].startswith('WeightsNotPublishedError: the weights of acme/isomix_iso_128_16_p2.cifar10 '
+    assert report['unpublished'].startswith('WeightsNotPublishedError: the weights of acme/isomix_iso_64_8_p4.miniimagenet32 '
                                             'are not published')
-    assert 'python -m timm_isomix.hub.publish CHECKPOINT --repo-id acme/isomix_iso_128_16_p2.cifar10' in report['unpublished']
+    assert 'python -m timm_isomix.hub.publish CHECKPOINT --repo-id acme/isomix_iso_64_8_p4.miniimagenet32' in report['unpublished']
     assert report['unsafe'].startswith('PickledWeightsError: ') and 'pytorch_model.bin' in report['unsafe']
     assert 'only a full unpickle' in report['unsafe'] and '(from acme/unsafe)' in report['unsafe']

@@ -81,7 +81,7 @@ def test_published_folder_loads_the_same_weights_and_outputs_via_local_dir_and_f
     ckpt = torch.load(checkpoint, weights_only=True)
     reference = publish.rebuild_model(ckpt)
     for model in (timm.create_model(f'local-dir:{published}', pretrained=True),
-                  timm.create_model('isomix_iso_64_8_p2.cifar10', pretrained=True,
+                  timm.create_model('isomix_iso_64_8_p2', pretrained=True,
                                     pretrained_cfg_overlay=dict(file=str(published / 'model.safetensors')))):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt['state_dict'].items())
         assert torch.equal(_outputs(model), _outputs(reference))

@@ -6,7 +6,8 @@ Three things live here, used by the model factories (`models/*.py`) when `pretra
   with `python -m timm_isomix.hub.publish`; its `hf_hub_id` is `<org>/<model>.<tag>`, the org read from
   `$TIMM_ISOMIX_HUB_ORG` (default `timm-isomix`) when the weights are loaded. When the repository or its
   weight file does not exist, loading raises `WeightsNotPublishedError`, naming the publish command.
-  When it exists, its `config.json` supplies the schedule (`model_args`) and the data config.
+  When it exists, its `config.json` supplies the schedule (`model_args`) and the data config. The default
+  org's files of the tags trained here ship inside the package (`timm_isomix/weights/`), so those load offline.
 * **Safety.** Weights are read as timm reads them: safetensors files, and pickled files (`.bin`, `.pth`,
   ..., e.g. the `pytorch_model.bin` timm's `save_for_hf` writes by default) with
   `torch.load(weights_only=True)`, whose unpickler rebuilds only tensors and plain containers. A pickle
@@ -31,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 __all__ = [
     'ORG_ENV', 'DEFAULT_ORG', 'PretrainedWeightsError', 'WeightsNotPublishedError', 'PickledWeightsError',
     'hub_org', 'published_repo_id', 'published_cfg', 'publish_command', 'check_weights_file', 'check_state_dict',
-    'pretrained_kwargs', 'torch_load_like_timm',
+    'pretrained_kwargs', 'torch_load_like_timm', 'shipped_weights', 'apply_config_json', 'WEIGHTS_DIR',
 ]
 
 ORG_ENV = 'TIMM_ISOMIX_HUB_ORG'
@@ -41,6 +42,8 @@ SAFE_WEIGHTS_NAME = 'model.safetensors'
 PICKLED_WEIGHTS_NAMES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
 PICKLED_SUFFIXES = ('.bin', '.pth', '.pt', '.pth.tar', '.ckpt', '.pkl')
 
+# weights of published tags shipped with the package: <model>.<tag>/ as `publish --local-dir` writes it
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
 # (model name, tag) -> hf_hub_id as written into the registry at import time
 _PUBLISHED: Dict[Tuple[str, str], str] = {}
 
@@ -241,7 +244,7 @@ def _checked_filter(source: str, cfg: Dict[str, Any], filter_fn: Optional[Callab
 
 
 def _apply_published_config(repo_id: str, cfg: Dict[str, Any], kwargs: Dict[str, Any], cache_dir) -> None:
-    """Take the schedule and data config of a published tag from its config.json.
+    """Take the schedule and data config of a published tag from its config.json on the Hub.
 
     Without a config.json (or offline without it in the cache) the registry cfg and the model's defaults
     apply; weights of another schedule then fail the fit check with a clear error.
@@ -251,15 +254,19 @@ def _apply_published_config(repo_id: str, cfg: Dict[str, Any], kwargs: Dict[str,
         path = _hub_download(repo_id, 'config.json', cache_dir)
     except LocalEntryNotFoundError:
         path = None
-    if path is None:
-        return
+    if path is not None:
+        apply_config_json(Path(path), repo_id, cfg, kwargs)
+
+
+def apply_config_json(path: Path, label: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
+    """Take the schedule (`model_args`) and data config of a save_for_hf folder's config.json."""
     try:
-        config = json.loads(Path(path).read_text(encoding='utf-8'))
+        config = json.loads(path.read_text(encoding='utf-8'))
     except ValueError as e:
-        raise PretrainedWeightsError(f'{repo_id}/config.json: not valid JSON ({e})') from e
+        raise PretrainedWeightsError(f'{label}/config.json: not valid JSON ({e})') from e
     if config.get('architecture') != cfg.get('architecture'):
         raise PretrainedWeightsError(
-            f'{repo_id}/config.json: published for architecture {config.get("architecture")!r}, '
+            f'{label}/config.json: published for architecture {config.get("architecture")!r}, '
             f'not {cfg.get("architecture")!r}')
     for k, v in (config.get('model_args') or {}).items():
         # the published architecture args (schedule, templates) replace the variant's defaults, which cannot
@@ -273,6 +280,16 @@ def _apply_published_config(repo_id: str, cfg: Dict[str, Any], kwargs: Dict[str,
               'mean', 'std', 'num_classes', 'label_names', 'label_descriptions', 'pool_size'):
         if k in published:
             cfg[k] = tuple(published[k]) if isinstance(published[k], list) and k != 'label_names' else published[k]
+
+
+def shipped_weights(model_name: str, tag: str) -> Optional[Path]:
+    """The folder of a published tag's weights shipped inside the package, used when the org is the default.
+
+    These are the files `publish` pushes to the default org, so `pretrained=True` works offline; with
+    `$TIMM_ISOMIX_HUB_ORG` set, that org's Hub repository is used instead.
+    """
+    folder = WEIGHTS_DIR / f'{model_name}.{tag}'
+    return folder if hub_org() == DEFAULT_ORG and (folder / SAFE_WEIGHTS_NAME).is_file() else None
 
 
 def pretrained_kwargs(
@@ -305,7 +322,13 @@ def pretrained_kwargs(
         tag = cfg.get('tag') or ''
         if _PUBLISHED.get((variant, tag)) == hub_id:
             hub_id = cfg['hf_hub_id'] = published_repo_id(variant, tag)
-            if not (cfg.get('file') or cfg.get('state_dict') is not None or cfg.get('url')):
+            shipped = shipped_weights(variant, tag)
+            if cfg.get('file') or cfg.get('state_dict') is not None or cfg.get('url'):
+                pass  # the caller's weights (pretrained_cfg_overlay)
+            elif shipped is not None:
+                apply_config_json(shipped / 'config.json', str(shipped), cfg, kwargs)
+                cfg.update(file=str(shipped / SAFE_WEIGHTS_NAME))
+            else:
                 # the weights first: their absence is the "not published" error
                 path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
                 _apply_published_config(hub_id, cfg, kwargs, cache_dir)

@@ -235,6 +235,7 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     return base_cfg(**{**dict(pool_size=(16, 16), interpolation='bicubic', first_conv='stem.conv', classifier='head'), **kwargs})
 
 
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 _cfg32 = partial(_cfg, num_classes=10, input_size=(3, 32, 32), pool_size=(16, 16), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs({
@@ -242,10 +243,13 @@ default_cfgs = generate_default_cfgs({
     'isomix_iso_128_16_p2': _cfg32(),
     'isomix_iso_192_12_p14': _cfg(),
     'isomix_iso_256_16_p14': _cfg(),
-    # tags for weights published with timm_isomix.hub.publish to $TIMM_ISOMIX_HUB_ORG (see _hub.py);
-    # none is published yet: loading one says so and names the publish command
-    'isomix_iso_64_8_p2.cifar10': published_cfg('isomix_iso_64_8_p2', 'cifar10', _cfg32()),
-    'isomix_iso_128_16_p2.cifar10': published_cfg('isomix_iso_128_16_p2', 'cifar10', _cfg32()),
+    # published tags (`timm_isomix.hub.publish` to $TIMM_ISOMIX_HUB_ORG, see _hub.py); the default org's files
+    # ship in timm_isomix/weights/ (recipes: hparams/isomix_iso_64_8_p4_*.yaml; top-1: README, Models);
+    # the first tag is the model's default, as in timm
+    'isomix_iso_64_8_p4.cifar10': published_cfg('isomix_iso_64_8_p4', 'cifar10', _cfg32(
+        pool_size=(8, 8), mean=CIFAR10_MEAN, std=CIFAR10_STD)),
+    'isomix_iso_64_8_p4.miniimagenet32': published_cfg('isomix_iso_64_8_p4', 'miniimagenet32', _cfg32(
+        pool_size=(8, 8), num_classes=100)),
 })
 
 
@@ -254,6 +258,13 @@ def isomix_iso_64_8_p2(pretrained: bool = False, **kwargs) -> IsoMixNet:
     """32 px inputs: width 64, 8 layers over 4 templates, 16x16 tokens."""
     model_args = dict(width=64, depth=8, num_templates=4, patch_size=2)
     return _create_isomix_iso('isomix_iso_64_8_p2', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def isomix_iso_64_8_p4(pretrained: bool = False, **kwargs) -> IsoMixNet:
+    """32 px inputs: width 64, 8 layers over 4 templates, 8x8 tokens (the trunk of the studies, 4x cheaper)."""
+    model_args = dict(width=64, depth=8, num_templates=4, patch_size=4)
+    return _create_isomix_iso('isomix_iso_64_8_p4', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
