@@ -215,7 +215,7 @@ def publish(
 ) -> str:
     """Publish `checkpoint` to `repo_id` (or write the folder to `local_dir`); return the commit URL or folder."""
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise PublishError(f'--repo-id must be ORG/NAME (e.g. my-org/isomix_iso_64_8_p2.cifar10), got {repo_id!r}')
+        raise PublishError(f'--repo-id must be ORG/NAME (e.g. my-org/isomix_iso_64_8_p4.cifar10), got {repo_id!r}')
     ckpt = load_train_checkpoint(checkpoint)
     model = rebuild_model(ckpt, use_ema=use_ema, source=checkpoint)
     heatmap = _heatmap_next_to(checkpoint)
@@ -245,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog='python -m timm_isomix.hub.publish', description=__doc__.split('\n\n')[0],
         epilog='Token and endpoint come from huggingface_hub (HF_TOKEN or `hf auth login`; HF_ENDPOINT).')
     parser.add_argument('checkpoint', help='a train.py checkpoint (e.g. output/train/<run>/model_best.pth.tar)')
-    parser.add_argument('--repo-id', required=True, help='Hub repository ORG/NAME, e.g. my-org/isomix_iso_64_8_p2.cifar10')
+    parser.add_argument('--repo-id', required=True, help='Hub repository ORG/NAME, e.g. my-org/isomix_iso_64_8_p4.cifar10')
     parser.add_argument('--use-ema', action='store_true', help="publish the EMA weights ('state_dict_ema')")
     where = parser.add_mutually_exclusive_group()
     where.add_argument('--local-dir', metavar='DIR', help='write the folder that would be uploaded to DIR; no upload')
