@@ -163,7 +163,8 @@ def model_card(model: nn.Module, ckpt: Dict[str, Any], repo_id: str, use_ema: bo
         details['Results'] = {name: _fmt(results[k]) for k, name in (
             ('top1', 'top-1 (%)'), ('top5', 'top-5 (%)'), ('loss', 'loss')) if k in results}
     args = ckpt.get('args') or {}
-    recipe = {k: str(args[k]) for k in RECIPE_KEYS if args.get(k) not in (None, '', False)}
+    recipe = {k: str(args[k]) for k in RECIPE_KEYS if args.get(k) not in (None, '', False)
+              and (k != 'model_ema_decay' or args.get('model_ema'))}  # the decay has a default even without EMA
     details['Recipe'] = dict(recipe, **{'weights': 'EMA' if use_ema else 'raw', 'epoch': ckpt.get('epoch', '?')})
     details['Papers'] = [PAPER]
     description = (
