@@ -322,18 +322,18 @@ def pretrained_kwargs(
         tag = cfg.get('tag') or ''
         if _PUBLISHED.get((variant, tag)) == hub_id:
             hub_id = cfg['hf_hub_id'] = published_repo_id(variant, tag)
-            shipped = shipped_weights(variant, tag)
-            if cfg.get('file') or cfg.get('state_dict') is not None or cfg.get('url'):
-                pass  # the caller's weights (pretrained_cfg_overlay)
-            elif shipped is not None:
-                apply_config_json(shipped / 'config.json', str(shipped), cfg, kwargs)
-                cfg.update(file=str(shipped / SAFE_WEIGHTS_NAME))
-            else:
-                # the weights first: their absence is the "not published" error
-                path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
-                _apply_published_config(hub_id, cfg, kwargs, cache_dir)
-                cfg.update(file=path)
-                origin = f' (from {hub_id})'
+            # unless the caller gave weights (pretrained_cfg_overlay): the shipped folder, else the Hub
+            if not (cfg.get('file') or cfg.get('state_dict') is not None or cfg.get('url')):
+                shipped = shipped_weights(variant, tag)
+                if shipped is not None:
+                    apply_config_json(shipped / 'config.json', str(shipped), cfg, kwargs)
+                    cfg.update(file=str(shipped / SAFE_WEIGHTS_NAME))
+                else:
+                    # the weights first: their absence is the "not published" error
+                    path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
+                    _apply_published_config(hub_id, cfg, kwargs, cache_dir)
+                    cfg.update(file=path)
+                    origin = f' (from {hub_id})'
 
     if source == 'hf-hub':
         path = _hub_weights(hub_id, cfg.get('hf_hub_filename'), cache_dir)
