@@ -26,7 +26,7 @@ from timm.utils import get_outdir, update_summary
 from ..models.isometric import IsoMixNet
 from ..models.multitask import MultiTaskIsoMix
 from ..train.datasets import prepare_dataset
-from ..train.distributed import setup_distributed
+from ..train.distributed import finish_distributed, setup_distributed
 from ..train.files import atomic_save, atomic_write_bytes
 from ..train.plots import js_sharing, plot_sharing, plot_task_mixtures
 from .data import load_task_data
@@ -310,4 +310,5 @@ def train_tasks(config: Union[MultiTaskConfig, str, Path, Dict[str, Any]]) -> di
     if primary:
         results['top1'] = {t.name: history[-1][f'{t.name}_top1'] for t in config.tasks}
         _write_outputs(model, config, out_dir, results, val_sets, device)
+    finish_distributed(dist)
     return results

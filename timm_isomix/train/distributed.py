@@ -7,7 +7,7 @@ from timm.utils import init_distributed_device
 
 from .config import ConfigError
 
-__all__ = ['setup_distributed', 'is_primary', 'all_agree', 'unwrap']
+__all__ = ['setup_distributed', 'finish_distributed', 'is_primary', 'all_agree', 'unwrap']
 
 
 def setup_distributed(args: argparse.Namespace) -> torch.device:
@@ -21,6 +21,16 @@ def setup_distributed(args: argparse.Namespace) -> torch.device:
         raise ConfigError(f'--device {args.device}: CUDA is not available on this machine (use --device cpu)')
     return init_distributed_device(args)
 
+
+def finish_distributed(args: argparse.Namespace) -> None:
+    """Wait for every rank, then leave the process group.
+
+    A rank that exits while the group is alive (rank 0 still writing its outputs) can abort in gloo's
+    destructor, and torchrun then kills the others: every rank leaves together instead.
+    """
+    if getattr(args, 'distributed', False):
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def is_primary(args: argparse.Namespace) -> bool:

@@ -34,7 +34,7 @@ from .checkpoint import (
     CheckpointKeeper, atomic_write_bytes, check_against_checkpoint, load_checkpoint_file, make_output_dir,
     model_args_of, plain)
 from .config import ConfigError
-from .distributed import is_primary, setup_distributed
+from .distributed import finish_distributed, is_primary, setup_distributed
 from .loop import evaluate, train_one_epoch
 from .mixture_log import log_mixtures, write_mixture_heatmap
 from .optim import create_optimizer, model_lr, resolve_lr
@@ -380,8 +380,6 @@ def train(args: argparse.Namespace, args_text: Optional[str] = None) -> Dict[str
             torch.distributed.barrier()
     if is_primary(args) and heatmap is None:
         heatmap = write_mixture_heatmap(run.module, run.output_dir, run.num_epochs - 1)
-    if args.distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed(args)
     return {'output_dir': run.output_dir, 'results': run.results, 'metric': run.metric, 'heatmap': heatmap,
             'epochs': run.num_epochs}
