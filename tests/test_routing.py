@@ -82,14 +82,45 @@ def test_per_input_routes_differ_between_examples_of_one_task_and_per_task_route
 
 # --- grouped execution --------------------------------------------------------------------------
 def test_a_route_fixed_for_the_whole_batch_gives_exactly_the_outputs_of_that_hard_order():
+    """The hard order's layer l is the routed layer l with the statistics of the template it runs."""
     order = [2, 1, 0, 3, 3, 2, 1, 0]
     model = routed('task').eval()
     hard = timm.create_model('isomix_iso_64_8_p2', order=order, **SMALL).eval()
-    hard.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith('router.')})
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith('router.'):
+            continue
+        if '.per_template.' in k:
+            if 'running' in k:  # statistics that differ per template, so the test sees which set ran
+                v = torch.rand_like(v) + 0.5
+            head, rest = k.split('.per_template.')
+            template, name = rest.split('.', 1)
+            if int(template) != order[int(head.split('.')[-1])]:
+                continue
+            k = f'{head}.{name}'
+        state[k] = v
+    hard.load_state_dict(state)
+    model.load_state_dict({**model.state_dict(), **{
+        f'schedule.layers.{l}.per_template.{order[l]}.{n}': v for l in range(8)
+        for n, v in hard.schedule.layers[l].state_dict().items()}})
     with torch.no_grad():
         model.router.logits[0] = F.one_hot(torch.tensor(order), 4) * 5.
         x = torch.randn(16, 3, 8, 8)
         assert torch.equal(model(x), hard(x))
+
+
+def test_a_routed_layer_keeps_statistics_per_template_and_updates_only_those_that_ran():
+    """Training normalizes each template's group with its own batch statistics; eval must use the same
+    template's running statistics, so each template keeps its own and only a template that ran updates them."""
+    model = routed('input').train()
+    layer, bank = model.schedule.layers[0], model.bank
+    assert len(layer.per_template) == bank.num_templates
+    templates = bank.unflatten_rows(bank.weight, bank.affine, bank.num_templates)
+    before = [m.bn1.running_mean.clone() for m in layer.per_template]
+    with torch.no_grad():
+        run_routed(layer, torch.randn(6, 16, 4, 4), templates, torch.tensor([1, 3, 1, 3, 3, 1]))
+    changed = [not torch.equal(m.bn1.running_mean, b) for m, b in zip(layer.per_template, before)]
+    assert changed == [False, True, False, True]
 
 
 def test_grouped_execution_equals_running_every_example_on_its_own_template():

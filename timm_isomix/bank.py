@@ -11,6 +11,7 @@ one bank: the bank is passed in at call time, never copied. A router (Routing Ne
 models/routing.py) can replace a hard order's choice with a template per example (`run_routed`).
 """
 import math
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import register_notrace_module
+from timm.layers import DropPath, register_notrace_module
 
-__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'run_routed', 'cyclic_order', 'order_logits', 'INIT_LOGIT',
+__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'RoutedLayer', 'run_routed', 'cyclic_order', 'order_logits', 'INIT_LOGIT',
            'SHARP_LOGIT', 'MIXTURE_INITS']
 
 # Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2,
@@ -242,6 +243,24 @@ class _StraightThroughGate(torch.autograd.Function):
 Route = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
+class RoutedLayer(nn.Module):
+    """One executed layer of a routed schedule: a set of statistics for every template it may run.
+
+    In training each template's group of examples is normalized with its own batch statistics
+    (`run_routed`), so in eval each template needs its own running statistics; one shared set would
+    average templates (and tasks) whose activations differ, and eval would not compute what training did.
+    """
+
+    def __init__(self, layer_fn: Callable[..., nn.Module], num_templates: int, drop_path: float = 0.,
+                 device=None, dtype=None):
+        super().__init__()
+        self.per_template = nn.ModuleList([
+            layer_fn(drop_path=drop_path, device=device, dtype=dtype) for _ in range(num_templates)])
+
+    def forward(self, x: torch.Tensor, params: Dict[str, torch.Tensor], template: int) -> torch.Tensor:
+        return self.per_template[template](x, params)
+
+
 def run_routed(
         layer: nn.Module,
         x: torch.Tensor,
@@ -252,23 +271,26 @@ def run_routed(
     """One executed layer with a template per example: example b runs `templates[index[b]]`.
 
     Examples are gathered by template (one stable sort), each template runs once on its group, and the
-    results are put back in the batch's order (one gather by the inverse permutation): no loop over examples. When every example takes the same
-    template the batch runs as it is, so a route fixed for the whole batch computes exactly that hard order.
-    In training, each group is normalized with its own batch statistics and updates the layer's running
-    statistics (one set per executed layer, whichever template runs there, as with the mixtures).
+    results are put back in the batch's order (one gather by the inverse permutation): no loop over examples.
+    When every example takes the same template the batch runs as it is, so a route fixed for the whole batch
+    computes exactly that hard order. In training each group is normalized with its own batch statistics;
+    a `RoutedLayer` keeps running statistics per template (a plain layer's one set is shared by all).
     `gate` (B,), if given, is 1 in value and carries a router's straight-through gradient: the output is
     y * gate, computed as y forward (see _StraightThroughGate).
     The group sizes are data: FX symbolic tracing cannot follow this and fails at `tolist()`.
     """
+    def run(k: int, g: torch.Tensor) -> torch.Tensor:
+        return layer(g, templates[k], k) if isinstance(layer, RoutedLayer) else layer(g, templates[k])
+
     counts = torch.bincount(index, minlength=len(templates)).tolist()
     used = [k for k, c in enumerate(counts) if c]
     if len(used) == 1:
-        y = layer(x, templates[used[0]])
+        y = run(used[0], x)
     else:
         perm = torch.argsort(index, stable=True)
         inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(len(perm), device=perm.device))
         groups = x.index_select(0, perm).split([counts[k] for k in used])
-        y = torch.cat([layer(g, templates[k]) for k, g in zip(used, groups)]).index_select(0, inverse)
+        y = torch.cat([run(k, g) for k, g in zip(used, groups)]).index_select(0, inverse)
     if gate is not None:
         y = _StraightThroughGate.apply(y, gate)
     return y
@@ -278,7 +300,9 @@ class Schedule(nn.Module):
     """The executed layers of one bank: a mixture, and per layer its normalization statistics.
 
     `layer_fn(drop_path=rate)` builds one executed layer: a module with `forward(x, params)`
-    whose parameters come from the bank and whose buffers (statistics) are its own.
+    whose parameters come from the bank and whose buffers (statistics) are its own. A `routed` schedule
+    (a router picks each layer's templates) runs on a hard order and keeps, per layer, statistics for
+    every template (`RoutedLayer`).
     """
 
     def __init__(
@@ -286,21 +310,31 @@ class Schedule(nn.Module):
             layer_fn: Callable[..., nn.Module],
             mixture: Mixture,
             drop_path_rates: Optional[Sequence[float]] = None,
+            routed: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__()
-        self.layer_fn = layer_fn
+        if routed and not mixture.is_hard:
+            raise ValueError('a routed schedule runs templates as they are: it needs a hard order')
+        self.routed = routed
+        self.layer_fn = partial(RoutedLayer, layer_fn, mixture.num_templates) if routed else layer_fn
         self.mixture = mixture
         rates = list(drop_path_rates) if drop_path_rates is not None else [0.] * mixture.num_layers
         if len(rates) != mixture.num_layers:
             raise ValueError(f'{len(rates)} drop-path rates given for {mixture.num_layers} layers')
-        self.layers = nn.ModuleList([layer_fn(drop_path=r, device=device, dtype=dtype) for r in rates])
+        self.layers = nn.ModuleList([self.layer_fn(drop_path=r, device=device, dtype=dtype) for r in rates])
         self.grad_checkpointing = False
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def set_drop_path(self, rates: Sequence[float]) -> None:
+        """Stochastic depth rate of each executed layer (of each of a routed layer's per-template copies)."""
+        for layer, r in zip(self.layers, rates):
+            for m in layer.per_template if self.routed else [layer]:
+                m.drop_path = DropPath(r) if r > 0 else nn.Identity()
 
     def forward(
             self,
@@ -315,8 +349,9 @@ class Schedule(nn.Module):
         With `route` (a router's decisions, hard order only), layer l runs, for each example, the template
         `route(l, x)` names, grouped by template (see `run_routed`) instead of the order's template.
         """
-        if route is not None and not self.mixture.is_hard:
-            raise ValueError('per-example routes run templates as they are: the schedule needs a hard order')
+        if (route is not None) != self.routed:
+            raise ValueError('a routed schedule runs with a route, and only a routed schedule takes one'
+                             f' (routed={self.routed}, route given: {route is not None})')
         num_rows = bank.num_templates if self.mixture.is_hard else self.mixture.num_layers
         weight, affine = self.mixture(bank.weight, bank.affine)  # unpacked first: FX can unpack, not star-expand
         rows_params = bank.unflatten_rows(weight, affine, num_rows)

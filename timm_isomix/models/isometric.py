@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
-from timm.layers import DropPath, get_act_layer
+from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # timm.models exports no public name for it
 
@@ -100,7 +100,8 @@ class IsoMixNet(IsoMixModel):
         self.bank = TemplateBank(BasicLayer.template_shapes(width), num_templates, **dd)
         mixture = Mixture(depth, num_templates, order=order, temperature=temperature, init_logit=init_logit,
                           init=mixture_init, **dd)
-        self.schedule = Schedule(partial(BasicLayer, width, act_layer=act_layer), mixture, **dd)
+        self.schedule = Schedule(partial(BasicLayer, width, act_layer=act_layer), mixture,
+                                 routed=self.router is not None, **dd)
         self._update_depth()
 
         self.num_features = width
@@ -110,9 +111,7 @@ class IsoMixNet(IsoMixModel):
     def _update_depth(self) -> None:
         """Drop-path rates and feature_info follow the number of executed layers."""
         n = self.schedule.num_layers
-        for l, layer in enumerate(self.schedule.layers):
-            r = self.drop_path_rate * l / max(n - 1, 1)
-            layer.drop_path = DropPath(r) if r > 0 else nn.Identity()
+        self.schedule.set_drop_path([self.drop_path_rate * l / max(n - 1, 1) for l in range(n)])
         self.feature_info = [
             dict(num_chs=self.bank.layout['conv1.weight'][2][0], reduction=self.patch_size,
                  module=f'schedule.layers.{l}')

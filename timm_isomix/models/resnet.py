@@ -161,7 +161,8 @@ class IsoMixResNet(IsoMixModel):
             stage_order = cyclic_order(num_layers, n - 1) if stage_router is not None else orders[i]
             mixture = Mixture(num_layers, n - 1, order=stage_order, temperature=temperature, init_logit=init_logit,
                               init=mixture_init, **dd)
-            stages.append(BankStage(first, bank, Schedule(layer_fn, mixture, **dd), stage_router))
+            schedule = Schedule(layer_fn, mixture, routed=stage_router is not None, **dd)
+            stages.append(BankStage(first, bank, schedule, stage_router))
             inplanes = outplanes
             self.feature_info.append(dict(num_chs=outplanes, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -177,8 +178,7 @@ class IsoMixResNet(IsoMixModel):
         rates, i = [self.drop_path_rate * j / max(depth - 1, 1) for j in range(depth)], 0
         for stage in self.stages:
             stage.first.drop_path = DropPath(rates[i]) if rates[i] > 0 else None
-            for layer, r in zip(stage.schedule.layers, rates[i + 1:]):
-                layer.drop_path = DropPath(r) if r > 0 else nn.Identity()
+            stage.schedule.set_drop_path(rates[i + 1:])
             i += 1 + stage.schedule.num_layers
 
     @torch.no_grad()
@@ -193,7 +193,8 @@ class IsoMixResNet(IsoMixModel):
         for stage in self.stages:
             if zero_init_last:
                 stage.first.zero_init_last()
-            layer_cls = type(stage.schedule.layers[0])
+            first = stage.schedule.layers[0]
+            layer_cls = type(first.per_template[0] if stage.schedule.routed else first)
             for k in range(stage.bank.num_templates):
                 if stage.bank.weight.device.type != 'meta':
                     layer_cls.init_template(stage.bank.template(k), zero_init_last)

@@ -6,8 +6,6 @@ per step, AdamW, cosine schedule, the multi-task studies' recipe, no augmentatio
 the same steps on the same data with the same template parameters:
   route_task_wpl        per-task routing, WPL (one tabular agent per task), as the paper's CIFAR/MIN-MTL models;
   route_task_reinforce  per-task routing, REINFORCE with a learned baseline;
-  route_task_wpl_per_batch  per-task routing, WPL, one route per task and batch (draw='task': the batch runs
-                        as a hard order) instead of one per example;
   route_input_gumbel    per-input routing (a small net per layer on the pooled input and a task embedding),
                         straight-through Gumbel-softmax, temperature 2 -> 0.5;
   route_input_reinforce per-input routing, REINFORCE with a learned baseline;
@@ -16,15 +14,20 @@ the same steps on the same data with the same template parameters:
   independent           one network per task.
 Rewards are each example's negated cross-entropy; routers train at lr 3e-2 (task tables: the mixtures' lr,
 3e-3 x mixture_lr_mult 10) or 1e-2 (per-input nets), no weight decay. Routed models share BatchNorm
-statistics across tasks (one set per executed layer); the mixture models keep them per task.
+statistics across tasks (one set per executed layer and template, bank.RoutedLayer); the mixture models keep
+them per task.
 
 Studies:
 - routing-min-mtl: Routing Networks' MIN-MTL protocol on miniimagenet32 (mini-ImageNet's 100 classes at 32 px):
   20 tasks of 5 classes. The classes are the sorted WordNet ids of the training folder; task i takes classes
   5i .. 5i+4, labelled 0..4 in that order (`min_mtl_tasks`).
-- routing-digits-cifar10: MNIST, USPS, MNIST-M and CIFAR-10 (10 classes each), the multi-task set.
+  4 epochs of the 2,500 training images per task (160 joint steps), evaluated on the 500 validation images.
+- routing-digits-cifar10: MNIST, USPS, MNIST-M and CIFAR-10 (10 classes each), the multi-task set, with the
+  multi-task study's budget (300 joint steps of 64 images per task). Only the routers run here: the soft
+  mixtures, hard-shared trunk and independent networks of that budget are multitask-digits-cifar10's runs
+  (the same trunk, data, steps and seeds).
 - routing-scaling: training time per task as the number of MIN-MTL tasks grows (2, 5, 10, 20; the first n
-  tasks), per-task routing (WPL) against soft mixtures and independent networks: the paper's claim that a
+  tasks; 1 epoch), per-task routing (WPL) against soft mixtures and independent networks: the paper's claim that a
   routing network's per-task training cost stays nearly constant.
 Protocol differences from the paper: a convolutional bank routed at every executed layer (the paper routes 3
 fully connected layers after a shared conv trunk, with as many function blocks as tasks); 32 px images;
@@ -40,6 +43,7 @@ from ...tasks.fit import fit_tasks
 from ...tasks.routing import build_routed_task_model, route_usage
 from ...train.datasets import prepare_dataset
 from ..runner import RunState, Scale, Study, register
+from .multitask import STEPS
 from ..task_runs import TRAINING, accuracies, alphas_and_sharing, task_sets, train_model
 
 __all__ = ['min_mtl_tasks', 'run_routing']
@@ -49,12 +53,11 @@ DIGITS = [{'name': n, 'data': n, 'classes': 10} for n in ('mnist', 'usps', 'mnis
 METHODS: Dict[str, Dict[str, Any]] = {
     'route_task_wpl': dict(routing='task', router='wpl', router_lr=3e-2),
     'route_task_reinforce': dict(routing='task', router='reinforce', router_lr=3e-2),
-    'route_task_wpl_per_batch': dict(routing='task', router='wpl', router_lr=3e-2, router_args=dict(draw='task')),
     'route_input_gumbel': dict(routing='input', router='gumbel', router_lr=1e-2,
                                router_args=dict(tau=2.0, tau_end=0.5)),
     'route_input_reinforce': dict(routing='input', router='reinforce', router_lr=1e-2),
     'isomix': dict(mixture_init='random', init_logit=None),
-    'hard_shared': dict(hard_shared=True),
+    'hard_shared': dict(hard_shared=True),  # one mixture for all tasks, so its start does not matter
     'independent': dict(independent=True, mixture_init='random', init_logit=None),
 }
 
@@ -84,7 +87,7 @@ def _train_routed(config: Dict[str, Any], tasks, seed: int, scale: Scale) -> Dic
                                     config.get('router_args'), **kwargs)
     start = time.time()
     history = fit_tasks(model, train, val, epochs=scale.epochs, batch_size=scale.batch_size, seed=seed,
-                        router_lr=config['router_lr'], **TRAINING)
+                        router_lr=config['router_lr'], steps_per_epoch=config.get('steps_per_epoch'), **TRAINING)
     return {'model': model, 'history': history, 'seconds': time.time() - start, 'train': train, 'val': val}
 
 
@@ -113,8 +116,11 @@ def run_routing(config: Dict[str, Any], seed: int, scale: Scale, state: RunState
     }
 
 
-def _configs(tasks, methods) -> Dict[str, Dict[str, Any]]:
-    return {m: dict(TRUNK, tasks=tasks, **METHODS[m]) for m in methods}
+ROUTED = [m for m, c in METHODS.items() if 'routing' in c]
+
+
+def _configs(tasks, methods, **extra) -> Dict[str, Dict[str, Any]]:
+    return {m: dict(TRUNK, tasks=tasks, **METHODS[m], **extra) for m in methods}
 
 
 register(Study(
@@ -123,15 +129,16 @@ register(Study(
                 'class ids, task i = classes 5i..5i+4); same bank (width 48, 8 layers over 4 templates).',
     configs=_configs('min-mtl:20', METHODS),
     run=run_routing,
-    scale=Scale(epochs=8, train_limit=None, val_limit=None, batch_size=64),
+    scale=Scale(epochs=4, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'train_time', 'train_time_per_task', 'params'),
 ))
 
 register(Study(
     name='routing-digits-cifar10',
-    description='Routing Networks vs soft mixtures on MNIST, USPS, MNIST-M and CIFAR-10 (10 classes each), '
-                'same bank (width 48, 8 layers over 4 templates).',
-    configs=_configs(DIGITS, METHODS),
+    description='Routing Networks on MNIST, USPS, MNIST-M and CIFAR-10 (10 classes each), same bank (width 48, '
+                '8 layers over 4 templates) and budget (300 joint steps) as multitask-digits-cifar10, whose runs '
+                'are the soft mixtures, hard-shared and independent controls.',
+    configs=_configs(DIGITS, ROUTED, steps_per_epoch=STEPS),
     run=run_routing,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'top1_mnist', 'top1_usps', 'top1_mnistm', 'top1_cifar10', 'train_time', 'params'),
@@ -142,8 +149,8 @@ register(Study(
     description='Training time per task as the number of MIN-MTL tasks grows (2, 5, 10, 20): per-task routing '
                 '(WPL) vs soft mixtures vs independent networks.',
     configs={f'{m}_T{n}': dict(TRUNK, tasks=f'min-mtl:{n}', **METHODS[m])
-             for m in ('route_task_wpl', 'route_task_wpl_per_batch', 'isomix', 'independent') for n in (2, 5, 10, 20)},
+             for m in ('route_task_wpl', 'isomix', 'independent') for n in (2, 5, 10, 20)},
     run=run_routing,
-    scale=Scale(epochs=2, train_limit=None, val_limit=None, batch_size=64),
+    scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('train_time_per_task', 'train_time', 'top1'),
 ))
