@@ -89,3 +89,25 @@ def test_unknown_study_or_configuration_is_a_clear_error(env):
     assert bad.returncode == 2 and "no configurations ['nope']" in bad.stderr
     bad = cli(env, 'report', 'mixtures-cifar10', '--scale', 'nothing-here', check=False)
     assert bad.returncode == 2 and 'no finished runs' in bad.stderr
+
+
+def test_a_routing_study_runs_on_min_mtl_and_its_task_report_draws_the_routes(tmp_path, shared_dataset):
+    """Tiny MIN-MTL: 20 tasks of 5 classes, 16 images each, 1 step; every task scored; routes reported."""
+    shared_dataset('miniimagenet32')
+    env = dict(os.environ, ISOMIX_RESULTS=str(tmp_path / 'results'), ISOMIX_STATE=str(tmp_path / 'state'))
+    cli(env, 'run', 'routing-min-mtl', '--configs', 'route_input_gumbel', '--seeds', '0', '--epochs', '1',
+        '--train-limit', '16', '--val-limit', '10', '--batch-size', '16', '--threads', '1')
+    scale = 'epochs1-train_limit16-val_limit10-batch_size16'
+    folder = tmp_path / 'results' / 'routing-min-mtl' / scale
+    result = json.loads((folder / 'route_input_gumbel' / 'seed0.json').read_text())['result']
+    tasks = [f'min{i:02d}' for i in range(20)]
+    assert result['num_tasks'] == 20 and all(0 <= result[f'top1_{t}'] <= 100 for t in tasks)
+    assert result['top1'] == pytest.approx(sum(result[f'top1_{t}'] for t in tasks) / 20)
+    assert list(result['task_routes']) == tasks and len(result['js_per_layer']) == 8
+    for routes in result['task_routes'].values():  # eval frequencies: each layer's row sums to 1
+        assert all(sum(row) == pytest.approx(1.) for row in routes)
+    out = subprocess.run([PY, '-m', 'timm_isomix.experiments.task_report', 'routing-min-mtl', '--scale', scale],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (folder / 'routes-route_input_gumbel.png').is_file()
+    assert '`route_input_gumbel` | js_per_layer' in (folder / 'sharing.md').read_text()

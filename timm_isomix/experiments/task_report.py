@@ -9,6 +9,7 @@ the runner's `report.md`:
   mixture) as mean +- std over seeds, its mean over the first and the second half of the layers, and in how
   many seeds the second half diverges more than the first (the multi-task pattern: share early, specialise
   late; the adaptation pattern is the opposite);
+- routed configurations (Routing Networks): each task's route frequencies per layer and template (first seed);
 - a heatmap of layer x task pair divergence, averaged over seeds (alpha itself is not averaged over seeds:
   templates have no identity across seeds that start from independent random mixtures);
 - transfer: each mode's accuracy relative to full fine-tuning (per seed, then mean +- std);
@@ -60,13 +61,20 @@ def _sharing_rows(runs: Dict[str, Dict[int, dict]], key: str) -> List[str]:
     return lines
 
 
+def _task_weights(records: List[dict]) -> List[Dict[str, List[List[float]]]]:
+    """Per seed, each task's (L, K) weights: mixture alphas, or a router's route frequencies."""
+    return [r['result'].get('task_alphas') or r['result'].get('task_routes') for r in records
+            if r['result'].get('task_alphas') or r['result'].get('task_routes')]
+
+
 def _pair_heatmap(runs: Dict[str, Dict[int, dict]], config: str, path) -> Optional[str]:
-    records = list(runs.get(config, {}).values())
-    alphas = [r['result'].get('task_alphas') for r in records if r['result'].get('task_alphas')]
+    alphas = _task_weights(list(runs.get(config, {}).values()))
     if not alphas:
         return None
     tasks = list(alphas[0])
     pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]]
+    if len(pairs) > 28:  # past 8 tasks a pair axis is unreadable; the per-layer JS table stands for it
+        return None
     grid = torch.stack([torch.stack([js_divergence(torch.tensor(al[a]), torch.tensor(al[b])) for a, b in pairs], 1)
                         for al in alphas]).mean(0)  # (layers, pairs), mean over seeds
     plt = _pyplot()
@@ -76,6 +84,26 @@ def _pair_heatmap(runs: Dict[str, Dict[int, dict]], config: str, path) -> Option
     ax.set_ylabel('layer')
     ax.set_title(f'{config}: JS between tasks, mean of {len(alphas)} seeds', fontsize=9)
     fig.colorbar(im, ax=ax, label='bits')
+    return _save(fig, path, dpi=110, bbox_inches='tight')
+
+
+def _route_heatmap(runs: Dict[str, Dict[int, dict]], config: str, path) -> Optional[str]:
+    """Task x (layer, template) route frequencies of the first seed (templates have no identity across seeds)."""
+    records = runs.get(config, {})
+    routes = records[min(records)]['result'].get('task_routes') if records else None
+    if not routes:
+        return None
+    grid = torch.stack([torch.tensor(v).flatten() for v in routes.values()])  # (tasks, L * K)
+    num_templates = len(next(iter(routes.values()))[0])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2 + 0.12 * grid.shape[1], 1.2 + 0.2 * len(routes)))
+    im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap='viridis', aspect='auto', interpolation='nearest')
+    for l in range(1, grid.shape[1] // num_templates):
+        ax.axvline(l * num_templates - 0.5, color='white', lw=1)
+    ax.set_yticks(range(len(routes)), list(routes), fontsize=6)
+    ax.set_xlabel(f'layer (blocks of {num_templates} templates)')
+    ax.set_title(f'{config}: how often each task runs each template (eval, seed {min(records)})', fontsize=9)
+    fig.colorbar(im, ax=ax, label='fraction of examples')
     return _save(fig, path, dpi=110, bbox_inches='tight')
 
 
@@ -154,11 +182,16 @@ def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
     for key in ('js_per_layer', 'js_sources', 'js_target'):
         lines += _sharing_rows(runs, key)
     paths = {}
-    for config in ('isomix', 'mixture_adabn-mm', 'source_only'):
+    for config in ('isomix', 'mixture_adabn-mm', 'source_only', 'route_task_wpl', 'route_input_gumbel'):
         p = _pair_heatmap(runs, config, folder / f'sharing-pairs-{config}.png')
         if p:
             paths[f'pairs-{config}'] = p
             lines.append(f'\n![{config}](sharing-pairs-{config}.png)')
+    for config in runs:
+        p = _route_heatmap(runs, config, folder / f'routes-{config}.png')
+        if p:
+            paths[f'routes-{config}'] = p
+            lines.append(f'\n![{config} routes](routes-{config}.png)')
     if 'full' in runs:
         lines += ['', *_transfer_rows(runs)]
     if any(r['result'].get('candidates') for rs in runs.values() for r in rs.values()):
