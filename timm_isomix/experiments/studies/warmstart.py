@@ -1,7 +1,8 @@
 """Claim (d) on the staged family: a deeper network warm-started from a trained ResNet.
 
-Per seed, timm's resnet26 is trained on a miniimagenet32 subset (the pretraining, shared by the
-configurations of that seed). Then, for the same number of fine-tuning epochs and the same recipe:
+timm's resnet26 is trained once on a miniimagenet32 subset (seed 0): the one pretrained checkpoint a user
+starts from. Then, per seed (the fine-tuning's data order), for the same number of fine-tuning epochs and
+the same recipe:
 - `resnet26-continue`: the ResNet trains on;
 - `isomix-reuse2-warm`: `isomix_resnet26` with `reuse=2` (each stage's template runs twice: twice the
   banked depth, the ResNet's parameters) is warm-started from it (`resnet_to_isomix`) and fine-tuned.
@@ -20,12 +21,13 @@ from ..classify import DEFAULTS, evaluate, fit, task_tensors
 from ..runner import RunState, Scale, Study, register, state_root
 
 PRETRAIN_EPOCHS = 4
+PRETRAIN_SEED = 0
 RECIPE = dict(DEFAULTS, data='miniimagenet32', lr=2e-3, warmup_epochs=1)
 FINETUNE = dict(RECIPE, lr=5e-4, warmup_epochs=0)
 
 
 def _pretrained_resnet(seed: int, scale: Scale, train, val, num_classes: int) -> Dict[str, Any]:
-    """The seed's pretrained resnet26 (trained once, cached; a lock keeps parallel runs from training it twice)."""
+    """The pretrained resnet26 of a seed (trained once, cached; a lock keeps parallel runs from training it twice)."""
     folder = state_root() / 'warmstart-pretrain' / f'{scale.train_limit or "all"}-{PRETRAIN_EPOCHS}'
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f'seed{seed}.pth'
@@ -43,7 +45,7 @@ def _pretrained_resnet(seed: int, scale: Scale, train, val, num_classes: int) ->
 
 def run_warmstart(config: Dict[str, Any], seed: int, scale: Scale, state: RunState) -> Dict[str, Any]:
     train, val, num_classes = task_tensors(RECIPE['data'], 32, scale.train_limit, scale.val_limit)
-    pre = _pretrained_resnet(seed, scale, train, val, num_classes)
+    pre = _pretrained_resnet(PRETRAIN_SEED, scale, train, val, num_classes)
     resnet = timm.create_model('resnet26', num_classes=num_classes)
     resnet.load_state_dict(pre['state_dict'])
     extra = {'top1_pretrained': pre['history'][-1]['top1'], 'pretrain_history': pre['history']}
@@ -64,11 +66,11 @@ def run_warmstart(config: Dict[str, Any], seed: int, scale: Scale, state: RunSta
 
 register(Study(
     name='warmstart-miniimagenet32',
-    description=f'Warm start on miniimagenet32 (25k training images): resnet26 pretrained {PRETRAIN_EPOCHS} epochs, '
-                'then fine-tuned on, against isomix_resnet26 reuse=2 warm-started from it and fine-tuned '
-                'for the same epochs.',
+    description=f'Warm start on miniimagenet32 (25k training images): one resnet26 pretrained {PRETRAIN_EPOCHS} '
+                'epochs, then fine-tuned on, against isomix_resnet26 reuse=2 warm-started from it and fine-tuned '
+                'for the same epochs (seeds: the fine-tuning\'s data order).',
     configs={'resnet26-continue': dict(variant='continue'), 'isomix-reuse2-warm': dict(variant='isomix')},
     run=run_warmstart,
-    scale=Scale(epochs=2, train_limit=25000, val_limit=5000, batch_size=64),
+    scale=Scale(epochs=1, train_limit=25000, val_limit=5000, batch_size=64),
     metrics=('top1', 'top1_before', 'top1_pretrained', 'top1_reuse1'),
 ))
