@@ -104,8 +104,9 @@ def test_a_routing_study_runs_on_min_mtl_and_its_task_report_draws_the_routes(tm
     assert result['num_tasks'] == 20 and all(0 <= result[f'top1_{t}'] <= 100 for t in tasks)
     assert result['top1'] == pytest.approx(sum(result[f'top1_{t}'] for t in tasks) / 20)
     assert list(result['task_routes']) == tasks and len(result['js_per_layer']) == 8
-    for routes in result['task_routes'].values():  # eval frequencies: each layer's row sums to 1
+    for routes in (*result['task_routes'].values(), *result['train_routes'].values()):  # frequencies
         assert all(sum(row) == pytest.approx(1.) for row in routes)
+    assert len(result['train_route_entropy']) == 8 and all(0 <= h <= 1.3863 for h in result['train_route_entropy'])
     out = subprocess.run([PY, '-m', 'timm_isomix.experiments.task_report', 'routing-min-mtl', '--scale', scale],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -104,7 +104,13 @@ def run_routing(config: Dict[str, Any], seed: int, scale: Scale, state: RunState
     top1 = accuracies(model, run['val'])
     if routed:
         usage = route_usage(model, run['val'])
-        sharing = {'task_routes': usage['per_task'], 'js_per_layer': usage['js_per_layer'].tolist()}
+        # how often each template was drawn in training (running frequencies, about the last 100 steps):
+        # near-uniform training routes with one-hot eval routes mean the policy never settled
+        drawn = torch.stack([model.router.alpha(model._path(t)) for t in names])  # (T, L, K)
+        entropy = -(drawn * drawn.clamp_min(1e-12).log()).sum(-1).mean(0)
+        sharing = {'task_routes': usage['per_task'], 'js_per_layer': usage['js_per_layer'].tolist(),
+                   'train_routes': {t: d.tolist() for t, d in zip(names, drawn)},
+                   'train_route_entropy': entropy.tolist()}
         params = sum(p.numel() for p in model.parameters())
     else:
         sharing = alphas_and_sharing(model)
