@@ -27,7 +27,7 @@ Studies:
   mixtures, hard-shared trunk and independent networks of that budget are multitask-digits-cifar10's runs
   (the same trunk, data, steps and seeds).
 - routing-scaling: training time per task as the number of MIN-MTL tasks grows (2, 5, 10, 20; the first n
-  tasks; 1 epoch), per-task routing (WPL) against soft mixtures and independent networks: the paper's claim that a
+  tasks; 1 epoch of 1,000 images per task), per-task routing (WPL) against soft mixtures and independent networks: the paper's claim that a
   routing network's per-task training cost stays nearly constant.
 Protocol differences from the paper: a convolutional bank routed at every executed layer (the paper routes 3
 fully connected layers after a shared conv trunk, with as many function blocks as tasks); 32 px images;
@@ -157,6 +157,6 @@ register(Study(
     configs={f'{m}_T{n}': dict(TRUNK, tasks=f'min-mtl:{n}', **METHODS[m])
              for m in ('route_task_wpl', 'isomix', 'independent') for n in (2, 5, 10, 20)},
     run=run_routing,
-    scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
+    scale=Scale(epochs=1, train_limit=1000, val_limit=None, batch_size=64),
     metrics=('train_time_per_task', 'train_time', 'top1'),
 ))
