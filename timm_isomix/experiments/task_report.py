@@ -98,8 +98,10 @@ def _route_heatmap(runs: Dict[str, Dict[int, dict]], config: str, path) -> Optio
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2 + 0.12 * grid.shape[1], 1.2 + 0.2 * len(routes)))
     im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap='viridis', aspect='auto', interpolation='nearest')
-    for l in range(1, grid.shape[1] // num_templates):
+    num_layers = grid.shape[1] // num_templates
+    for l in range(1, num_layers):
         ax.axvline(l * num_templates - 0.5, color='white', lw=1)
+    ax.set_xticks([l * num_templates + (num_templates - 1) / 2 for l in range(num_layers)], range(num_layers))
     ax.set_yticks(range(len(routes)), list(routes), fontsize=6)
     ax.set_xlabel(f'layer (blocks of {num_templates} templates)')
     ax.set_title(f'{config}: how often each task runs each template (eval, seed {min(records)})', fontsize=9)
