@@ -9,7 +9,7 @@ A `RoutedMultiTask` is one routed trunk (stem, bank, executed layers with their 
 every task, and one head per task. The router tells the tasks apart by their task ids (a per-task router's
 table row, or a per-input router's task embedding); that is all a task owns besides its head, as in the
 paper's CIFAR-MTL and MIN-MTL models. Unlike `MultiTaskIsoMix`, tasks share the BatchNorm statistics:
-each executed layer keeps one set, whichever task and template run there (see bank.run_routed).
+each executed layer keeps one set per template, whichever task runs it (see bank.RoutedLayer).
 
 The routers learn in `tasks.fit.fit_tasks` through two hooks this model provides: `routing_loss(output,
 target)` after each task's forward (the reward of each example, see train.loop.routing_loss) and
