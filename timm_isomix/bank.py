@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, register_notrace_module
 
-__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'RoutedLayer', 'run_routed', 'cyclic_order', 'order_logits', 'INIT_LOGIT',
-           'SHARP_LOGIT', 'MIXTURE_INITS']
+__all__ = ['TemplateBank', 'Mixture', 'Schedule', 'RoutedLayer', 'run_routed', 'cyclic_order', 'order_logits',
+           'INIT_LOGIT', 'SHARP_LOGIT', 'MIXTURE_INITS']
 
 # Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2,
 # 0.93 for K=5. Sharp enough that each template first learns a role of its own, soft enough that the

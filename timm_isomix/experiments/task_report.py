@@ -63,8 +63,8 @@ def _sharing_rows(runs: Dict[str, Dict[int, dict]], key: str) -> List[str]:
 
 def _task_weights(records: List[dict]) -> List[Dict[str, List[List[float]]]]:
     """Per seed, each task's (L, K) weights: mixture alphas, or a router's route frequencies."""
-    return [r['result'].get('task_alphas') or r['result'].get('task_routes') for r in records
-            if r['result'].get('task_alphas') or r['result'].get('task_routes')]
+    weights = [r['result'].get('task_alphas') or r['result'].get('task_routes') for r in records]
+    return [w for w in weights if w]
 
 
 def _pair_heatmap(runs: Dict[str, Dict[int, dict]], config: str, path) -> Optional[str]:

@@ -27,8 +27,8 @@ Studies:
   mixtures, hard-shared trunk and independent networks of that budget are multitask-digits-cifar10's runs
   (the same trunk, data, steps and seeds).
 - routing-scaling: training time per task as the number of MIN-MTL tasks grows (2, 5, 10, 20; the first n
-  tasks; 1 epoch of 1,000 images per task), per-task routing (WPL) against soft mixtures and independent networks: the paper's claim that a
-  routing network's per-task training cost stays nearly constant.
+  tasks; 1 epoch of 1,000 images per task), per-task routing (WPL) against soft mixtures and independent
+  networks: the paper's claim that a routing network's per-task training cost stays nearly constant.
 Protocol differences from the paper: a convolutional bank routed at every executed layer (the paper routes 3
 fully connected layers after a shared conv trunk, with as many function blocks as tasks); 32 px images;
 CPU-sized epochs; AdamW rather than SGD.
