@@ -112,3 +112,27 @@ def test_a_routing_study_runs_on_min_mtl_and_its_task_report_draws_the_routes(tm
     assert out.returncode == 0, out.stderr[-2000:]
     assert (folder / 'routes-route_input_gumbel.png').is_file()
     assert '`route_input_gumbel` | js_per_layer' in (folder / 'sharing.md').read_text()
+
+
+def test_the_sharing_control_splits_task_pairs_into_copies_of_one_dataset_and_different_datasets(tmp_path,
+                                                                                                shared_dataset):
+    """Tiny run of the control: 8 tasks (4 datasets twice); the 4 copy pairs and 24 other pairs make up all 28."""
+    for name in ('mnist', 'usps', 'mnistm', 'cifar10'):
+        shared_dataset(name)
+    env = dict(os.environ, ISOMIX_RESULTS=str(tmp_path / 'results'), ISOMIX_STATE=str(tmp_path / 'state'))
+    cli(env, 'run', 'sharing-control-digits-cifar10', '--seeds', '0', '--train-limit', '32', '--val-limit', '16',
+        '--batch-size', '16', '--threads', '1')
+    scale = 'train_limit32-val_limit16-batch_size16'
+    folder = tmp_path / 'results' / 'sharing-control-digits-cifar10' / scale
+    result = json.loads((folder / 'isomix' / 'seed0.json').read_text())['result']
+    assert list(result['task_alphas']) == ['mnist', 'mnist_b', 'usps', 'usps_b', 'mnistm', 'mnistm_b',
+                                           'cifar10', 'cifar10_b']
+    same, cross, every = result['js_same_data'], result['js_cross_data'], result['js_per_layer']
+    assert len(same) == len(cross) == len(every) == 8
+    for s, c, e in zip(same, cross, every):
+        assert e == pytest.approx((4 * s + 24 * c) / 28, abs=1e-5)  # the result files keep 6 decimals
+    out = subprocess.run([PY, '-m', 'timm_isomix.experiments.task_report', 'sharing-control-digits-cifar10',
+                          '--scale', scale], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (folder / 'sharing.md').read_text()
+    assert '`isomix` | js_same_data' in text and '`isomix` | js_cross_data' in text

@@ -181,7 +181,7 @@ def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
     lines = [f'# {study.name} ({scale}): sharing, curves, choices\n',
              '| configuration | between | JS per layer (bits, mean ± std over seeds) | first half | second half | '
              'seeds with second > first |', '|---|---|---|---|---|---|']
-    for key in ('js_per_layer', 'js_sources', 'js_target'):
+    for key in ('js_per_layer', 'js_same_data', 'js_cross_data', 'js_sources', 'js_target'):
         lines += _sharing_rows(runs, key)
     paths = {}
     for config in ('isomix', 'mixture_adabn-mm', 'source_only', 'route_task_wpl', 'route_input_gumbel'):
