@@ -135,4 +135,5 @@ def test_the_sharing_control_splits_task_pairs_into_copies_of_one_dataset_and_di
                           '--scale', scale], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     text = (folder / 'sharing.md').read_text()
-    assert '`isomix` | js_same_data' in text and '`isomix` | js_cross_data' in text
+    assert all(f'`isomix` | {key}' in text for key in ('js_same_data', 'js_cross_data', 'js_data_excess'))
+    assert (folder / 'mixtures-isomix-seed0.png').is_file()

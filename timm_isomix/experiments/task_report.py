@@ -8,7 +8,10 @@ the runner's `report.md`:
 - per configuration, the per-layer Jensen-Shannon divergence between tasks' mixtures (bits; 0 = the same
   mixture) as mean +- std over seeds, its mean over the first and the second half of the layers, and in how
   many seeds the second half diverges more than the first (the multi-task pattern: share early, specialise
-  late; the adaptation pattern is the opposite);
+  late; the adaptation pattern is the opposite); for the sharing control, also between copies of one dataset
+  (`js_same_data`), between different datasets (`js_cross_data`) and their difference (`js_data_excess`: the
+  divergence the data, rather than drift from independent starts, accounts for) and every task's mixture in
+  the first seed;
 - routed configurations (Routing Networks): each task's route frequencies per layer and template (first seed);
 - a heatmap of layer x task pair divergence, averaged over seeds (alpha itself is not averaged over seeds:
   templates have no identity across seeds that start from independent random mixtures);
@@ -25,7 +28,7 @@ import torch
 
 from ..tasks.adaptation import select_candidate
 from ..train.files import atomic_write_bytes
-from ..train.plots import _pyplot, _save, js_divergence
+from ..train.plots import _pyplot, _save, js_divergence, plot_task_mixtures
 from .runner import STUDIES, finished_runs, results_root
 from . import studies  # noqa: F401  (registers the studies)
 
@@ -48,10 +51,18 @@ def sharing_summary(per_seed: List[List[float]]) -> Dict[str, Any]:
             'early': early.tolist(), 'late': late.tolist(), 'late_above_early': int((late > early).sum()), 'n': len(t)}
 
 
+def _per_seed(result: dict, key: str) -> Optional[List[float]]:
+    """A per-layer JS list of a result; 'js_data_excess' is the sharing control's cross minus same data."""
+    if key == 'js_data_excess':
+        cross, same = result.get('js_cross_data'), result.get('js_same_data')
+        return [c - s for c, s in zip(cross, same)] if cross and same else None
+    return result.get(key)
+
+
 def _sharing_rows(runs: Dict[str, Dict[int, dict]], key: str) -> List[str]:
     lines = []
     for config, records in runs.items():
-        per_seed = [r['result'][key] for r in records.values() if r['result'].get(key)]
+        per_seed = [v for v in (_per_seed(r['result'], key) for r in records.values()) if v]
         if not per_seed:
             continue
         s = sharing_summary(per_seed)
@@ -181,7 +192,7 @@ def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
     lines = [f'# {study.name} ({scale}): sharing, curves, choices\n',
              '| configuration | between | JS per layer (bits, mean ± std over seeds) | first half | second half | '
              'seeds with second > first |', '|---|---|---|---|---|---|']
-    for key in ('js_per_layer', 'js_same_data', 'js_cross_data', 'js_sources', 'js_target'):
+    for key in ('js_per_layer', 'js_same_data', 'js_cross_data', 'js_data_excess', 'js_sources', 'js_target'):
         lines += _sharing_rows(runs, key)
     paths = {}
     for config in ('isomix', 'mixture_adabn-mm', 'source_only', 'route_task_wpl', 'route_input_gumbel'):
@@ -189,6 +200,15 @@ def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
         if p:
             paths[f'pairs-{config}'] = p
             lines.append(f'\n![{config}](sharing-pairs-{config}.png)')
+    for config, records in runs.items():  # the sharing control: both copies' mixtures side by side
+        seed = min(records)
+        alphas = records[seed]['result'].get('task_alphas') if 'js_same_data' in records[seed]['result'] else None
+        if alphas:
+            name = f'mixtures-{config}-seed{seed}.png'
+            paths[f'mixtures-{config}'] = str(plot_task_mixtures(
+                {t: torch.tensor(a) for t, a in alphas.items()}, folder / name,
+                f'{study.name} {config}, seed {seed}: alpha per task (layers x templates)'))
+            lines.append(f'\n![{config} mixtures, seed {seed}]({name})')
     for config in runs:
         p = _route_heatmap(runs, config, folder / f'routes-{config}.png')
         if p:
