@@ -1,2 +1,2 @@
 """The registered studies: one module per question."""
-from . import adaptation, mixtures, multitask, reuse, routing, transfer, warmstart  # noqa: F401
+from . import adaptation, mixtures, multitask, reuse, routing, sharing, transfer, warmstart  # noqa: F401

@@ -18,7 +18,6 @@ MNIST-M's train split is carved from its official test split (the only part avai
 from typing import Any, Dict
 
 from ...tasks.multitask import VARIANTS
-from ...train.plots import js_divergence
 from ..runner import RunState, Scale, Study, register
 from ..task_runs import accuracies, alphas_and_sharing, train_model
 
@@ -67,36 +66,3 @@ register(Study(
     metrics=('top1', 'top1_mnist', 'top1_usps', 'top1_mnistm', 'top1_cifar10', 'params_own', 'params_used'),
 ))
 
-
-# The control for the sharing pattern: every dataset twice, as two tasks with their own mixtures, heads and
-# statistics. Two copies of one dataset have nothing to specialise for, so the JS between them measures how
-# far mixtures drift apart from independent random starts alone; the pattern is the tasks' only where
-# different datasets diverge more than copies do.
-COPIES = [{'name': f'{n}{suffix}', 'data': n, 'classes': 10} for n in ('mnist', 'usps', 'mnistm', 'cifar10')
-          for suffix in ('', '_b')]
-
-
-def run_sharing_control(config: Dict[str, Any], seed: int, scale: Scale, state: RunState) -> Dict[str, Any]:
-    """run_multitask, plus per-layer JS between copies of one dataset and between different datasets."""
-    result = run_multitask(config, seed, scale, state)
-    data = {t['name']: t['data'] for t in config['tasks']}
-    alphas = result['task_alphas']
-    names = list(alphas)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    for key, same in (('js_same_data', True), ('js_cross_data', False)):
-        chosen = [js_divergence(alphas[a], alphas[b]) for a, b in pairs if (data[a] == data[b]) == same]
-        result[key] = sum(chosen).div(len(chosen)).tolist()
-    return result
-
-
-register(Study(
-    name='sharing-control-digits-cifar10',
-    description='Control for the multi-task sharing pattern: isomix on MNIST, USPS, MNIST-M and CIFAR-10, each '
-    'twice (8 tasks, each with its own mixture, statistics and head; the two copies draw their own batches), '
-    'the multitask-digits-cifar10 recipe and steps per task. Per layer, the JS between copies of one dataset '
-    '(drift from independent random starts) against the JS between different datasets (specialisation).',
-    configs={'isomix': dict(TRUNK, tasks=COPIES, steps_per_epoch=STEPS)},
-    run=run_sharing_control,
-    scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
-    metrics=('top1', *(f'top1_{t["name"]}' for t in COPIES)),
-))
