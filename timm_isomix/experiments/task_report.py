@@ -8,8 +8,8 @@ the runner's `report.md`:
 - per configuration, the per-layer Jensen-Shannon divergence between tasks' mixtures (bits; 0 = the same
   mixture) as mean +- std over seeds, its mean over the first and the second half of the layers, and in how
   many seeds the second half diverges more than the first (the multi-task pattern: share early, specialise
-  late; the adaptation pattern is the opposite); for the sharing control, also between copies of one dataset
-  (`js_same_data`), between different datasets (`js_cross_data`) and their difference (`js_data_excess`: the
+  late; the adaptation pattern is the opposite); for the sharing controls, also between copies of one task
+  (`js_same_data`), between different tasks (`js_cross_data`) and their difference (`js_data_excess`: the
   divergence the data, rather than drift from independent starts, accounts for) and every task's mixture in
   the first seed;
 - routed configurations (Routing Networks): each task's route frequencies per layer and template (first seed);
