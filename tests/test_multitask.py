@@ -8,6 +8,7 @@ import timm_isomix  # noqa: F401  (registers the models)
 from timm_isomix.models.multitask import MultiTaskIsoMix, count_params
 from timm_isomix.tasks.data import load_task_data
 from timm_isomix.tasks.multitask import VARIANTS, build_task_model, load_task_model, read_task_config, train_tasks
+from timm_isomix.train.optim import mixture_param_groups
 from timm_isomix.train.plots import js_sharing
 
 
@@ -230,6 +231,19 @@ def test_a_patched_task_starts_as_it_was_and_owns_its_batchnorm_scale_and_shift(
     with torch.no_grad():
         model.bank.affine.zero_()
     assert torch.equal(model(x, task='p'), out) and not torch.allclose(out, before, atol=1e-3)
+
+
+def test_patches_get_a_group_of_their_own_only_when_a_patch_lr_multiplier_is_given():
+    model = tiny_model(share_from=0)
+    model.add_task('p', 3, init_from='a', patch=True)
+    patches = {id(model.tasks['p'].patch_stem), id(model.tasks['p'].patch_layers)}
+    groups = mixture_param_groups(model, 0.05, 1e-3, 10.)
+    assert 'patch' not in {g.get('group_name') for g in groups}
+    groups = {g.get('group_name'): g for g in mixture_param_groups(model, 0.05, 1e-3, 10., patch_lr_mult=4.)}
+    assert {id(p) for p in groups['patch']['params']} == patches
+    assert groups['patch']['lr'] == pytest.approx(4e-3) and groups['patch']['weight_decay'] == 0.
+    others = [id(p) for name, g in groups.items() if name != 'patch' for p in g['params']]
+    assert not patches & set(others) and len(others) == len(set(others))
 
 
 def test_independent_tasks_run_their_own_stem_and_bank_and_are_counted_in_full():

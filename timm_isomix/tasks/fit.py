@@ -89,6 +89,7 @@ def fit_tasks(
         log_fn=None,
         router_lr: Optional[float] = None,
         steps_per_epoch: Optional[int] = None,
+        patch_lr_mult: Optional[float] = None,
 ) -> List[dict]:
     """Train tasks jointly with balanced task sampling: every step takes one batch of every task.
 
@@ -97,7 +98,8 @@ def fit_tasks(
     subsampled), so each task weighs the same whatever its size. The parameters requiring grad
     are trained (freeze the others first, as transfer.freeze_for_transfer does); with `frozen_stats`, BatchNorm statistics stay as they are
     (eval mode), e.g. for a linear probe. Returns per-epoch metrics: train loss/accuracy and val
-    top-1 per task. A routed model's router (tasks/routing.py) trains at `router_lr` (default `lr`).
+    top-1 per task. A routed model's router (tasks/routing.py) trains at `router_lr` (default `lr`); the
+    tasks' patches (own BatchNorm scale and shift) at `lr * patch_lr_mult` (default `lr`).
     """
     for task in train_sets:
         model._path(task)
@@ -106,7 +108,8 @@ def fit_tasks(
     empty = [t for t, ds in train_sets.items() if len(ds) == 0]
     if empty:
         raise ValueError(f'tasks {empty} have no training data')
-    groups = mixture_param_groups(model, weight_decay, lr, mixture_lr_mult, router_lr=router_lr)
+    groups = mixture_param_groups(model, weight_decay, lr, mixture_lr_mult, router_lr=router_lr,
+                                  patch_lr_mult=patch_lr_mult)
     if not groups:
         raise ValueError('nothing to train: no parameter requires grad')
     optimizer = create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay)

@@ -1,5 +1,6 @@
-"""Optimizer of an isomix model: timm's parameter groups, plus one group for the mixture logits and one
-for the routers (Routing Networks: policy tables or nets, baselines, values)."""
+"""Optimizer of an isomix model: timm's parameter groups, plus one group for the mixture logits, one for the
+routers (Routing Networks: policy tables or nets, baselines, values) and, when asked, one for the tasks'
+patches (per-task BatchNorm scale and shift, models/multitask.py)."""
 import argparse
 import logging
 from typing import Any, Dict, List, Optional
@@ -9,7 +10,8 @@ import torch.nn as nn
 
 from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer_decay, param_groups_weight_decay
 
-__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'is_router_param', 'model_lr', 'create_optimizer', 'resolve_lr']
+__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'is_router_param', 'is_patch_param', 'model_lr', 'create_optimizer',
+           'resolve_lr']
 
 _logger = logging.getLogger('train')
 
@@ -21,6 +23,11 @@ def is_router_param(name: str) -> bool:
     return any(part in ('router', 'routers') for part in name.split('.')[:-1])
 
 
+def is_patch_param(name: str) -> bool:
+    """A task's own BatchNorm scale and shift (models/multitask.py: `patch_stem`, `patch_layers`)."""
+    return name.rsplit('.', 1)[-1].startswith('patch_')
+
+
 def mixture_param_groups(
         model: nn.Module,
         weight_decay: float,
@@ -28,13 +35,16 @@ def mixture_param_groups(
         mixture_lr_mult: float = 1.0,
         layer_decay: Optional[float] = None,
         router_lr: Optional[float] = None,
+        patch_lr_mult: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """timm's parameter groups (weight decay / layer decay as timm builds them) with the mixture logits
     moved to a group of their own: `weight_decay=0`, `lr = lr * mixture_lr_mult`.
 
     The group carries an explicit 'lr', so timm's schedulers (which scale each group's initial lr)
     keep the ratio throughout the schedule. Router parameters form a group of their own too:
-    `weight_decay=0`, `lr = router_lr` (default `lr`).
+    `weight_decay=0`, `lr = router_lr` (default `lr`). With `patch_lr_mult`, the tasks' patches form a group
+    too: `weight_decay=0`, `lr = lr * patch_lr_mult` (like the mixture logits, they are a task's own few
+    parameters; at the base lr they learn from one task's batches only and lag the shared ones).
     """
     no_wd = set(getattr(model, 'no_weight_decay', lambda: set())())
     if layer_decay is not None:
@@ -44,7 +54,9 @@ def mixture_param_groups(
         groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_wd)
     mixture = [p for n, p in model.named_parameters() if n.endswith(MIXTURE_SUFFIX) and p.requires_grad]
     router = [p for n, p in model.named_parameters() if is_router_param(n) and p.requires_grad]
-    ids = {id(p) for p in mixture + router}
+    patch = [p for n, p in model.named_parameters() if patch_lr_mult is not None and is_patch_param(n)
+             and p.requires_grad]
+    ids = {id(p) for p in mixture + router + patch}
     out = []
     for g in groups:
         params = [p for p in g['params'] if id(p) not in ids]
@@ -55,12 +67,15 @@ def mixture_param_groups(
     if router:
         out.append({'params': router, 'weight_decay': 0., 'lr': lr if router_lr is None else router_lr,
                     'group_name': 'router'})
+    if patch:
+        out.append({'params': patch, 'weight_decay': 0., 'lr': lr * patch_lr_mult, 'group_name': 'patch'})
     return out
 
 
 def model_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The mean lr of the model's own groups: the mixture and router groups run at their own rates."""
-    lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') not in ('mixture', 'router')] or [0.]
+    """The mean lr of the model's own groups: the mixture, router and patch groups run at their own rates."""
+    own = ('mixture', 'router', 'patch')
+    lrs = [g['lr'] for g in optimizer.param_groups if g.get('group_name') not in own] or [0.]
     return sum(lrs) / len(lrs)
 
 

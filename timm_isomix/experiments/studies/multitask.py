@@ -8,7 +8,8 @@ one batch of every task per step, the same steps for every variant:
   independent   one network (stem, bank, mixture) per task;
   hard_shared   one trunk, statistics included; per-task heads (the earlier baseline);
   share_fromN   per-task mixtures in layers 0..N-1, one shared mixture from layer N on (the authors'
-                share_mw_after); statistics and heads per task.
+                share_mw_after); statistics and heads per task;
+  model_patch_lr10  model_patch with the patches at 10x the base lr, the mixture logits' multiplier.
 Mixture logits start as independent U(0, 1) draws per task (the authors' single-task start), so no common
 start decides which templates tasks share. Each task's full training set is the pool it draws from; the
 budget is 300 joint steps of 64 images per task (19,200 images per task: a third of MNIST, 0.4 of
@@ -52,6 +53,8 @@ def _configs() -> Dict[str, Dict[str, Any]]:
     configs = {name: dict(base, **variant) for name, variant in VARIANTS.items()}
     for n in (2, 4, 6):
         configs[f'share_from{n}'] = dict(base, share_from=n)
+    # the patch at the mixtures' learning-rate multiplier: both are a task's own few parameters
+    configs['model_patch_lr10'] = dict(configs['model_patch'], training=dict(patch_lr_mult=10.))
     return configs
 
 

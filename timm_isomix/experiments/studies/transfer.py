@@ -9,7 +9,8 @@ same epochs on the same data, each reporting its trainable parameters:
   linear                head only, statistics re-estimated (a linear probe of the re-normalised features);
   patch                 BatchNorm scale and shift + head (the model patch of Mudrakarta et al., ICLR 2019);
   mixture_patch         mixture logits + scale and shift + head;
-  full                  everything the task runs (stem, bank, mixture, head): full fine-tuning.
+  full                  everything the task runs (stem, bank, mixture, head): full fine-tuning;
+  patch_lr10, mixture_patch_lr10  the two patch modes with the patch at 10x the base lr (the mixture's multiplier).
 Two held-out tasks: MNIST-M from a bank trained on MNIST, USPS and CIFAR-10 (start from MNIST's mixture,
 statistics and head); CIFAR-10 from a bank trained on five 20-class tasks of mini-ImageNet (32 px; a new
 10-class head, so no 'stats' mode). MNIST-M's train split is carved from its official test split.
@@ -50,7 +51,7 @@ def run_transfer(config: Dict[str, Any], seed: int, scale: Scale, state: RunStat
     res = transfer(model, held['name'], held['classes'], train, val, mode=config['mode'],
                    init_from=config.get('init_from'), epochs=config['transfer_epochs'] * scale.epochs,
                    batch_size=scale.batch_size,
-                   seed=seed, **TRAINING)
+                   seed=seed, **{**TRAINING, **config.get('training', {})})
     after = model.state_dict()
     for h in res['history']:
         h['top1'] = h.get(f'{held["name"]}_top1')
@@ -65,8 +66,11 @@ def run_transfer(config: Dict[str, Any], seed: int, scale: Scale, state: RunStat
 
 def _configs(sources, held, init_from, transfer_epochs, modes, pretrain_epochs, pretrain_steps=None):
     pretrain = dict(TRUNK, epochs=pretrain_epochs, steps_per_epoch=pretrain_steps)
-    return {mode: dict(pretrain=pretrain, sources=sources, held_out=held, init_from=init_from, mode=mode,
-                       transfer_epochs=transfer_epochs) for mode in modes}
+    configs = {mode: dict(pretrain=pretrain, sources=sources, held_out=held, init_from=init_from, mode=mode,
+                          transfer_epochs=transfer_epochs) for mode in modes}
+    for mode in ('patch', 'mixture_patch'):  # the patch at the mixture logits' multiplier, as in the multi-task study
+        configs[f'{mode}_lr10'] = dict(configs[mode], training=dict(patch_lr_mult=10.))
+    return configs
 
 
 register(Study(
