@@ -200,15 +200,16 @@ def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
         if p:
             paths[f'pairs-{config}'] = p
             lines.append(f'\n![{config}](sharing-pairs-{config}.png)')
-    for config, records in runs.items():  # the sharing control: both copies' mixtures side by side
+    for config, records in runs.items():  # the sharing controls: both copies' mixtures side by side
         seed = min(records)
-        alphas = records[seed]['result'].get('task_alphas') if 'js_same_data' in records[seed]['result'] else None
-        if alphas:
-            name = f'mixtures-{config}-seed{seed}.png'
-            paths[f'mixtures-{config}'] = str(plot_task_mixtures(
-                {t: torch.tensor(a) for t, a in alphas.items()}, folder / name,
-                f'{study.name} {config}, seed {seed}: alpha per task (layers x templates)'))
-            lines.append(f'\n![{config} mixtures, seed {seed}]({name})')
+        result = records[seed]['result']
+        if 'js_same_data' not in result:
+            continue
+        name = f'mixtures-{config}-seed{seed}.png'
+        paths[f'mixtures-{config}'] = str(plot_task_mixtures(
+            {t: torch.tensor(a) for t, a in result['task_alphas'].items()}, folder / name,
+            f'{study.name} {config}, seed {seed}: alpha per task (layers x templates)'))
+        lines.append(f'\n![{config} mixtures, seed {seed}]({name})')
     for config in runs:
         p = _route_heatmap(runs, config, folder / f'routes-{config}.png')
         if p:

@@ -28,11 +28,17 @@ from ..train.files import atomic_save
 from ..train.plots import js_sharing
 from .runner import Scale, state_root
 
-__all__ = ['DATA_SEED', 'TRAINING', 'task_data', 'model_config', 'train_model', 'shared_model', 'alphas_and_sharing']
+__all__ = ['DATA_SEED', 'TRAINING', 'training', 'task_data', 'model_config', 'train_model', 'shared_model',
+           'alphas_and_sharing']
 
 DATA_SEED = 0  # data subsets are the same for every run seed
 # The training recipe of every multi-task model of these studies (fit_tasks' arguments).
 TRAINING: Dict[str, Any] = dict(lr=3e-3, opt='adamw', weight_decay=0.05, mixture_lr_mult=10.)
+
+
+def training(config: Dict[str, Any]) -> Dict[str, Any]:
+    """fit_tasks' recipe arguments of a configuration: TRAINING with its own `training` overrides."""
+    return {**TRAINING, **config.get('training', {})}
 
 
 def _cache_name(data: str, split: str, classes, img_size: int, limit: Optional[int]) -> str:
@@ -87,7 +93,7 @@ def train_model(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], seed: i
     if steps:  # a cap: smaller (--train-limit) sets keep their own, shorter epoch
         steps = min(steps, max(1, round(sum(max(1, len(ds) // scale.batch_size) for ds in train.values()) / len(train))))
     history = fit_tasks(model, train, val, epochs=epochs or scale.epochs, batch_size=scale.batch_size, seed=seed,
-                        steps_per_epoch=steps, **{**TRAINING, **config.get('training', {})})
+                        steps_per_epoch=steps, **training(config))
     for h in history:  # the runner's curves read 'top1': the mean over tasks
         h['top1'] = sum(h[f'{t}_top1'] for t in train) / len(train)
     return {'model': model, 'history': history, 'seconds': time.time() - start, 'train': train, 'val': val}

@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer_decay, param_groups_weight_decay
 
-__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'is_router_param', 'is_patch_param', 'model_lr', 'create_optimizer',
-           'resolve_lr']
+__all__ = ['MIXTURE_SUFFIX', 'mixture_param_groups', 'is_router_param', 'is_patch_param', 'model_lr',
+           'create_optimizer', 'resolve_lr']
 
 _logger = logging.getLogger('train')
 
@@ -54,8 +54,8 @@ def mixture_param_groups(
         groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_wd)
     mixture = [p for n, p in model.named_parameters() if n.endswith(MIXTURE_SUFFIX) and p.requires_grad]
     router = [p for n, p in model.named_parameters() if is_router_param(n) and p.requires_grad]
-    patch = [p for n, p in model.named_parameters() if patch_lr_mult is not None and is_patch_param(n)
-             and p.requires_grad]
+    patch = [] if patch_lr_mult is None else [
+        p for n, p in model.named_parameters() if is_patch_param(n) and p.requires_grad]
     ids = {id(p) for p in mixture + router + patch}
     out = []
     for g in groups:

@@ -68,4 +68,3 @@ register(Study(
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'top1_mnist', 'top1_usps', 'top1_mnistm', 'top1_cifar10', 'params_own', 'params_used'),
 ))
-

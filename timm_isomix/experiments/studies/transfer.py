@@ -21,7 +21,7 @@ import torch
 
 from ...tasks.transfer import TRANSFER_MODES, transfer
 from ..runner import RunState, Scale, Study, register
-from ..task_runs import TRAINING, shared_model, task_data
+from ..task_runs import shared_model, task_data, training
 from .multitask import TRUNK
 
 DIGITS = [{'name': n, 'data': n, 'classes': 10} for n in ('mnist', 'usps', 'cifar10')]
@@ -51,7 +51,7 @@ def run_transfer(config: Dict[str, Any], seed: int, scale: Scale, state: RunStat
     res = transfer(model, held['name'], held['classes'], train, val, mode=config['mode'],
                    init_from=config.get('init_from'), epochs=config['transfer_epochs'] * scale.epochs,
                    batch_size=scale.batch_size,
-                   seed=seed, **{**TRAINING, **config.get('training', {})})
+                   seed=seed, **training(config))
     after = model.state_dict()
     for h in res['history']:
         h['top1'] = h.get(f'{held["name"]}_top1')
