@@ -10,8 +10,9 @@ from .runner import STUDIES, Scale, finished_runs, results_root, run_study
 from . import studies  # noqa: F401  (registers the studies)
 
 
-def _optional_int(text: str) -> Optional[int]:
-    return None if text == 'all' else int(text)
+def _optional_int(text: str):
+    """A count, or 'all' (kept as the string so that it overrides the study's default; `_scale` maps it to None)."""
+    return text if text == 'all' else int(text)
 
 
 def _scale(study, args) -> Scale:
