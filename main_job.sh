@@ -31,6 +31,8 @@ elif ! .venv/bin/python -c "import timm_isomix, matplotlib" 2>/dev/null; then
     .venv/bin/python -m pip install -q -e .
 fi
 PY=.venv/bin/python
+# The project's datasets lie in ../shared/data beside the checkout unless ISOMIX_DATA names another folder.
+export ISOMIX_DATA=${ISOMIX_DATA:-$(cd .. && pwd)/shared/data}
 
 if [ $# -ge 1 ]; then
     DATA=$1

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     try:
         args, args_text = parse_train_args(argv)
         if args.tasks:
-            from timm_isomix.tasks.multitask import config_from_flags, train_tasks
+            from timm_isomix.tasks.train_tasks import config_from_flags, train_tasks
             try:
                 config = config_from_flags(args)
             except (FileNotFoundError, ValueError) as e:

@@ -1,7 +1,16 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
-from timm_isomix.train.datasets import find_archive, prepare_dataset
+# The tests' datasets: ../shared/data beside the checkout unless $ISOMIX_DATA names another folder (the library
+# only reads the folder it is given). Set before the tests import anything that reads it.
+_SHARED_DATA = Path(__file__).resolve().parent.parent.parent / 'shared' / 'data'
+if not os.environ.get('ISOMIX_DATA') and _SHARED_DATA.is_dir():
+    os.environ['ISOMIX_DATA'] = str(_SHARED_DATA)
+
+from timm_isomix.train.datasets import find_archive, prepare_dataset  # noqa: E402
 
 
 @pytest.fixture(scope='session')

@@ -5,10 +5,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent  # the workspace runs from the checkout's root
 TINY = ['--configs', 'random-m10', '--epochs', '3', '--train-limit', '256', '--val-limit', '128', '--threads', '1']
 SCALE = 'epochs3-train_limit256-val_limit128'
 
@@ -20,7 +22,7 @@ def env(tmp_path, shared_dataset):
 
 
 def cli(env, *args, check=True):
-    out = subprocess.run([PY, '-m', 'timm_isomix.experiments', *args], env=env, capture_output=True, text=True,
+    out = subprocess.run([PY, '-m', 'experiments', *args], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     if check:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -43,7 +45,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(env, tmp_
     args = ['run', 'mixtures-cifar10', '--seeds', '1', *TINY[:2], '--epochs', '6', *TINY[4:]]
     scale = SCALE.replace('epochs3', 'epochs6')
     state = tmp_path / 'state' / 'mixtures-cifar10' / scale / 'random-m10' / 'seed1' / 'state.pth'
-    proc = subprocess.Popen([PY, '-m', 'timm_isomix.experiments', *args], env=env,
+    proc = subprocess.Popen([PY, '-m', 'experiments', *args], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -107,8 +109,8 @@ def test_a_routing_study_runs_on_min_mtl_and_its_task_report_draws_the_routes(tm
     for routes in (*result['task_routes'].values(), *result['train_routes'].values()):  # frequencies
         assert all(sum(row) == pytest.approx(1.) for row in routes)
     assert len(result['train_route_entropy']) == 8 and all(0 <= h <= 1.3863 for h in result['train_route_entropy'])
-    out = subprocess.run([PY, '-m', 'timm_isomix.experiments.task_report', 'routing-min-mtl', '--scale', scale],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([PY, '-m', 'experiments.task_report', 'routing-min-mtl', '--scale', scale],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (folder / 'routes-route_input_gumbel.png').is_file()
     assert '`route_input_gumbel` | js_per_layer' in (folder / 'sharing.md').read_text()
@@ -131,8 +133,8 @@ def test_the_sharing_control_splits_task_pairs_into_copies_of_one_dataset_and_di
     assert len(same) == len(cross) == len(every) == 8
     for s, c, e in zip(same, cross, every):
         assert e == pytest.approx((4 * s + 24 * c) / 28, abs=1e-5)  # the result files keep 6 decimals
-    out = subprocess.run([PY, '-m', 'timm_isomix.experiments.task_report', 'sharing-control-digits-cifar10',
-                          '--scale', scale], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([PY, '-m', 'experiments.task_report', 'sharing-control-digits-cifar10',
+                          '--scale', scale], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     text = (folder / 'sharing.md').read_text()
     assert all(f'`isomix` | {key}' in text for key in ('js_same_data', 'js_cross_data', 'js_data_excess'))

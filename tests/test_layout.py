@@ -1,13 +1,17 @@
 """The package's layers: each module imports only from its own layer or the layers below it, with no
-import circle; modules and functions stay small enough to read in one sitting."""
+import circle; modules and functions stay small enough to read in one sitting. The research workspace
+(experiments/) sits beside the package, imports it by its installed name, and is not part of it."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parent.parent / 'timm_isomix'
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / 'timm_isomix'
+WORKSPACE = ROOT / 'experiments'
 # lower index = lower layer; a module may import from its own layer and the ones below
-LAYERS = [('bank', 'blocks'), ('models',), ('train',), ('tasks',), ('hub', 'tools'), ('experiments',)]
+LAYERS = [('bank', 'blocks'), ('models',), ('train',), ('tasks',), ('hub', 'tools')]
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 100
 
 
@@ -77,9 +81,44 @@ def test_there_is_no_import_circle():
 
 @pytest.mark.parametrize('module,path', list(_modules()), ids=lambda v: str(v))
 def test_modules_and_functions_stay_small(module, path):
+    _check_size(path)
+
+
+def _check_size(path: Path) -> None:
     source = path.read_text()
     assert len(source.splitlines()) <= MAX_MODULE_LINES, f'{path} has {len(source.splitlines())} lines'
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             n = node.end_lineno - node.lineno + 1
             assert n <= MAX_FUNCTION_LINES, f'{path}:{node.lineno} {node.name}() has {n} lines'
+
+
+def test_no_two_modules_share_a_name_in_the_library_or_the_workspace():
+    seen = {}
+    for path in sorted([*PKG.rglob('*.py'), *WORKSPACE.rglob('*.py')]):
+        if path.name in ('__init__.py', '__main__.py', '_base.py'):
+            continue
+        seen.setdefault(path.stem, []).append(str(path.relative_to(ROOT)))
+    assert not {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def test_the_library_does_not_know_where_the_project_keeps_its_data_or_results():
+    bad = [str(p.relative_to(ROOT)) for p in PKG.rglob('*.py')
+           if re.search(r"'shared' / 'data'|shared/data|'experiments' / 'results'|experiments/results", p.read_text())]
+    assert not bad, f'library modules naming the workspace or the shared data folder: {bad}'
+
+
+def test_the_workspace_imports_the_library_by_its_installed_name_only():
+    bad = []
+    for path in WORKSPACE.rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and path.parent == WORKSPACE and node.level > 1:
+                bad.append(f'{path.relative_to(ROOT)}: from {"." * node.level}{node.module or ""}')
+            if isinstance(node, ast.ImportFrom) and node.level > 2:
+                bad.append(f'{path.relative_to(ROOT)}: from {"." * node.level}{node.module or ""}')
+    assert not bad, bad
+
+
+@pytest.mark.parametrize('path', sorted(WORKSPACE.rglob('*.py')), ids=lambda p: str(p.relative_to(ROOT)))
+def test_workspace_modules_and_functions_stay_small(path):
+    _check_size(path)

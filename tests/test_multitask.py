@@ -7,7 +7,7 @@ from PIL import Image
 import timm_isomix  # noqa: F401  (registers the models)
 from timm_isomix.models.multitask import MultiTaskIsoMix, count_params
 from timm_isomix.tasks.data import load_task_data
-from timm_isomix.tasks.multitask import VARIANTS, build_task_model, load_task_model, read_task_config, train_tasks
+from timm_isomix.tasks.train_tasks import VARIANTS, build_task_model, load_task_model, read_task_config, train_tasks
 from timm_isomix.train.optim import mixture_param_groups
 from timm_isomix.train.plots import js_sharing
 
@@ -285,7 +285,7 @@ def test_a_patch_cannot_be_combined_with_a_borrowed_trunk():
 
 
 def test_study_task_data_is_cached_as_uint8_and_reads_back_exactly(tmp_path, monkeypatch):
-    from timm_isomix.experiments.task_runs import task_data
+    from experiments.task_runs import task_data
     monkeypatch.setenv('ISOMIX_STATE', str(tmp_path / 'state'))
     root = tmp_path / 'ds'
     for i, c in enumerate(['a', 'b']):
@@ -302,7 +302,7 @@ def test_study_task_data_is_cached_as_uint8_and_reads_back_exactly(tmp_path, mon
 
 
 def test_sharing_summary_counts_seeds_whose_late_layers_diverge_more():
-    from timm_isomix.experiments.task_report import sharing_summary
+    from experiments.task_report import sharing_summary
     s = sharing_summary([[0.0, 0.1, 0.5, 0.6], [0.2, 0.2, 0.1, 0.1], [0.0, 0.0, 0.3, 0.3]])
     assert s['late_above_early'] == 2 and s['n'] == 3
     assert s['early'] == pytest.approx([0.05, 0.2, 0.0]) and s['mean'][2] == pytest.approx(0.3)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import timm
 import timm_isomix  # noqa: F401
 from timm_isomix.bank import run_routed
-from timm_isomix.models.routing import InputRouter, TaskRouter
+from timm_isomix.models.routers import InputRouter, TaskRouter
 from timm_isomix.train.optim import mixture_param_groups
 
 from helpers import ROOT, make_tiny_folder
@@ -429,7 +429,8 @@ def _task_sets(n=24, size=8, classes=3, seed=0):
 def test_multi_task_training_trains_the_router_and_reports_route_usage_per_task_and_class(routing, router, tmp_path,
                                                                                           one_thread):
     from timm_isomix.tasks.fit import fit_tasks
-    from timm_isomix.tasks.routing import build_routed_task_model, plot_route_usage, route_usage
+    from timm_isomix.models.routed_multitask import build_routed_task_model
+    from timm_isomix.tasks.route_usage import plot_route_usage, route_usage
     torch.manual_seed(0)
     model = build_routed_task_model('isomix_iso_64_8_p2', {'a': 3, 'b': 3}, routing=routing, router=router,
                                     router_args={'collab': 0.1} if router == 'wpl' else {'tau': 2., 'tau_end': 0.5},
@@ -454,7 +455,7 @@ def test_multi_task_training_trains_the_router_and_reports_route_usage_per_task_
 
 
 def test_a_routed_multi_task_model_refuses_unknown_tasks_and_too_few_router_tasks():
-    from timm_isomix.tasks.routing import RoutedMultiTask, build_routed_task_model
+    from timm_isomix.models.routed_multitask import RoutedMultiTask, build_routed_task_model
     model = build_routed_task_model('isomix_iso_64_8_p2', {'a': 3}, width=16)
     with pytest.raises(KeyError, match="unknown task 'c'"):
         model(torch.randn(1, 3, 8, 8), task='c')
@@ -468,7 +469,7 @@ import argparse, torch, torch.distributed as dist
 from torch.utils.data import TensorDataset
 from timm_isomix.train.distributed import setup_distributed
 from timm_isomix.tasks.fit import fit_tasks
-from timm_isomix.tasks.routing import build_routed_task_model
+from timm_isomix.models.routed_multitask import build_routed_task_model
 args = argparse.Namespace(device='cpu', dist_backend=None, dist_url='env://')
 setup_distributed(args)
 torch.manual_seed(0)
@@ -520,7 +521,7 @@ TASK_TRUNK = {'width': 16, 'depth': 4, 'num_templates': 2}
 @pytest.mark.parametrize('bad', [{'share_from': 0}, {'patch': True}, {'hard_shared': True}, {'independent': True},
                                  {'mixture_init': 'random'}, {'share_head': True}])
 def test_a_routed_task_config_refuses_the_mixture_models_options(bad):
-    from timm_isomix.tasks.multitask import build_task_model
+    from timm_isomix.tasks.train_tasks import build_task_model
     cfg = {'model_kwargs': {**TASK_TRUNK, 'routing': 'task'}, 'tasks': [{'name': 'a', 'data': 'x', 'classes': 3}]}
     with pytest.raises(ValueError, match=rf"\['{next(iter(bad))}'\] are mixture-model options"):
         build_task_model({**cfg, **bad})
@@ -529,8 +530,8 @@ def test_a_routed_task_config_refuses_the_mixture_models_options(bad):
 
 
 def test_task_files_routing_keys_build_a_routed_model_and_flags_fill_what_the_file_leaves_out(tmp_path):
-    from timm_isomix.tasks.multitask import build_task_model, config_from_flags
-    from timm_isomix.tasks.routing import RoutedMultiTask
+    from timm_isomix.tasks.train_tasks import build_task_model, config_from_flags
+    from timm_isomix.models.routed_multitask import RoutedMultiTask
     from timm_isomix.train.config import parse_train_args
     plain = tmp_path / 'plain.yaml'
     plain.write_text('model_kwargs: {width: 16, depth: 4, num_templates: 2}\n'
@@ -552,7 +553,7 @@ def test_task_files_routing_keys_build_a_routed_model_and_flags_fill_what_the_fi
 
 
 def test_the_routing_digits_task_file_builds_a_per_task_wpl_model():
-    from timm_isomix.tasks.multitask import build_task_model, read_task_config
+    from timm_isomix.tasks.train_tasks import build_task_model, read_task_config
     config = read_task_config(ROOT / 'hparams' / 'routing_digits.yaml')
     model = build_task_model(config)
     assert isinstance(model.router, TaskRouter) and model.router.algorithm == 'wpl' and config.router_lr == 0.03
@@ -575,7 +576,7 @@ def _task_file(path, digits, **model_kwargs):
 
 
 def _check_routed_run(out, routing):
-    from timm_isomix.tasks.multitask import load_task_model
+    from timm_isomix.tasks.train_tasks import load_task_model
     results = json.loads((out / 'results.json').read_text())
     for name in ('model.pth', 'summary.csv', 'routes.png', 'routes-sharing.png'):
         assert (out / name).is_file(), name
@@ -592,7 +593,7 @@ def _check_routed_run(out, routing):
 def test_train_py_tasks_trains_per_task_wpl_and_per_input_gumbel_routers(tiny_digits, tmp_path, monkeypatch,
                                                                          one_thread):
     """Routing from the task file (per-task WPL) and from train.py's flags (per-input Gumbel), in one process."""
-    import timm_isomix.tasks.multitask as multitask
+    import timm_isomix.tasks.train_tasks as multitask
     from helpers import load_script
     router_lrs = []
 

@@ -8,7 +8,7 @@ with one matrix product per bank for all layers. A hard order (one template inde
 runs each template as it is, with no mixing. A `Schedule` is a mixture plus the executed layers,
 each owning its normalization statistics. Any number of schedules (tasks, domains) can run over
 one bank: the bank is passed in at call time, never copied. A router (Routing Networks,
-models/routing.py) can replace a hard order's choice with a template per example (`run_routed`).
+models/routers.py) can replace a hard order's choice with a template per example (`run_routed`).
 """
 import math
 from functools import partial

@@ -22,7 +22,7 @@ from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, cyclic_order
 from ..blocks import BasicLayer
 from ._base import FeatureGetter, IsoMixModel, Order, base_cfg, normalize_order
 from ._hub import pretrained_kwargs, published_cfg
-from .routing import TaskIds, build_router
+from .routers import TaskIds, build_router
 
 __all__ = ['IsoMixNet']
 
@@ -69,7 +69,7 @@ class IsoMixNet(IsoMixModel):
                 mixture-dynamics study found no accuracy cost and only non-cyclic starts let mixtures move),
                 'uniform' or 'cyclic' (see bank.MIXTURE_INITS).
             routing: Routing Networks instead of a mixture: 'task' (a route per task) or 'input' (per example);
-                see models/routing.py. `router`: 'reinforce' (default), 'wpl' or 'gumbel'; `num_tasks`: tasks the
+                see models/routers.py. `router`: 'reinforce' (default), 'wpl' or 'gumbel'; `num_tasks`: tasks the
                 router tells apart (forward(x, task=...)); `router_args`: reward, cost, collab, tau, tau_end, hidden, embed.
         """
         super().__init__()

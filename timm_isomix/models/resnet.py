@@ -29,7 +29,7 @@ from ..bank import INIT_LOGIT, Mixture, Schedule, TemplateBank, cyclic_order
 from ..blocks import BasicLayer, BottleneckLayer
 from ._base import FeatureGetter, IsoMixModel, Order, base_cfg, normalize_order
 from ._hub import pretrained_kwargs
-from .routing import Router, TaskIds, build_router
+from .routers import Router, TaskIds, build_router
 from .warm_start import checkpoint_filter_fn, is_resnet_state_dict, resnet_to_isomix, warm_start_schedule
 
 __all__ = ['IsoMixResNet', 'BankStage', 'is_resnet_state_dict', 'resnet_to_isomix', 'checkpoint_filter_fn']
@@ -114,7 +114,7 @@ class IsoMixResNet(IsoMixModel):
             drop_path_rate: stochastic depth, rising linearly over all executed blocks.
             zero_init_last: zero the last BN scale of every residual branch (templates too).
             routing, router, num_tasks, router_args: Routing Networks instead of mixtures, one router per
-                stage (see IsoMixNet and models/routing.py); forward(x, task=...).
+                stage (see IsoMixNet and models/routers.py); forward(x, task=...).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}

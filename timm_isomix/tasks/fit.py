@@ -29,7 +29,7 @@ class _JointStep(nn.Module):
             out = self.model(x, task=task)
             losses[task] = F.cross_entropy(out, y)
             correct[task] = (out.argmax(-1) == y).sum()
-            if hasattr(self.model, 'routing_loss'):  # a routed model (tasks/routing.py): its router learns here
+            if hasattr(self.model, 'routing_loss'):  # a routed model (models/routed_multitask.py): its router learns here
                 extra = extra + self.model.routing_loss(out, y)
         return sum(losses.values()) + extra, losses, correct
 
@@ -98,7 +98,7 @@ def fit_tasks(
     subsampled), so each task weighs the same whatever its size. The parameters requiring grad
     are trained (freeze the others first, as transfer.freeze_for_transfer does); with `frozen_stats`, BatchNorm statistics stay as they are
     (eval mode), e.g. for a linear probe. Returns per-epoch metrics: train loss/accuracy and val
-    top-1 per task. A routed model's router (tasks/routing.py) trains at `router_lr` (default `lr`); the
+    top-1 per task. A routed model's router (models/routed_multitask.py) trains at `router_lr` (default `lr`); the
     tasks' patches (own BatchNorm scale and shift) at `lr * patch_lr_mult` (default `lr`).
     """
     for task in train_sets:

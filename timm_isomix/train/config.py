@@ -267,7 +267,7 @@ def _add_miscellaneous_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--overwrite', action='store_true', default=False,
                    help='isomix: allow training into an existing experiment directory without --resume')
     g.add_argument('--tasks', default='', type=str, metavar='PATH',
-                   help='isomix: YAML listing tasks; trains them over one bank (timm_isomix.tasks.multitask)')
+                   help='isomix: YAML listing tasks; trains them over one bank (timm_isomix.tasks.train_tasks)')
 
 
 def _type_name(action: argparse.Action) -> str:

@@ -17,11 +17,11 @@ from timm.data import Mixup
 from timm.models import model_parameters
 from timm.utils import AverageMeter, ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, reduce_tensor
 
-from ..models.routing import Router
+from ..models.routers import Router, routing_loss
 from .distributed import is_primary, unwrap
 from .optim import model_lr
 
-__all__ = ['train_one_epoch', 'evaluate', 'autocast', 'routing_loss']
+__all__ = ['train_one_epoch', 'evaluate', 'autocast']
 
 _logger = logging.getLogger('train')
 
@@ -49,21 +49,6 @@ def autocast(args: argparse.Namespace, device: torch.device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, args.amp_dtype))
 
-
-
-def routing_loss(routers: List[Router], output: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
-    """The routers' loss for the last forward (Routing Networks): each example's reward comes from its own
-    cross-entropy and correctness (soft, mixup targets: their expected cross-entropy and argmax class)."""
-    if not routers:
-        return None
-    output = output.float()
-    if target.dim() == output.dim():  # soft targets
-        per_example = -(target * output.log_softmax(-1)).sum(-1)
-        correct = output.argmax(-1) == target.argmax(-1)
-    else:
-        per_example = F.cross_entropy(output, target, reduction='none')
-        correct = output.argmax(-1) == target
-    return sum(r.loss(per_example, correct) for r in routers)
 
 
 def _log_update(epoch, update_idx, num_updates_epoch, last_batch, loss, losses, batch_time, data_time, optimizer,

@@ -19,7 +19,7 @@ MIXTURE_SUFFIX = 'mixture.logits'
 
 
 def is_router_param(name: str) -> bool:
-    """A router's parameter (models/routing.py: a module named `router`, or `routers`)."""
+    """A router's parameter (models/routers.py: a module named `router`, or `routers`)."""
     return any(part in ('router', 'routers') for part in name.split('.')[:-1])
 
 

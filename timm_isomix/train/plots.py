@@ -17,7 +17,10 @@ __all__ = ['plot_mixtures', 'js_divergence', 'js_sharing', 'plot_task_mixtures',
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the mixture figures need matplotlib: pip install 'timm-isomix[plot]'") from e
     matplotlib.use('Agg')  # files only: training runs on servers without a display
     import matplotlib.pyplot as plt
     return plt

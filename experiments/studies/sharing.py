@@ -13,10 +13,10 @@ difference grows with depth.
 """
 from typing import Any, Dict, List
 
-from ...train.plots import js_divergence
+from timm_isomix.train.plots import js_divergence
 from ..runner import RunState, Scale, Study, register
-from .multitask import STEPS, TASKS, TRUNK, run_multitask
-from .routing import min_mtl_tasks
+from .multitask_learning import STEPS, TASKS, TRUNK, run_multitask
+from .routing_networks import min_mtl_tasks
 
 __all__ = ['copies', 'run_sharing_control']
 

@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['ROUTINGS', 'ROUTERS', 'REWARDS', 'DRAWS', 'Router', 'TaskRouter', 'InputRouter', 'build_router', 'task_ids']
+__all__ = ['ROUTINGS', 'ROUTERS', 'REWARDS', 'DRAWS', 'Router', 'TaskRouter', 'InputRouter', 'build_router', 'task_ids',
+           'routing_loss']
 
 ROUTINGS = ('task', 'input')
 DRAWS = ('example', 'task')
@@ -360,3 +361,18 @@ def build_router(
         raise ValueError('a per-input router draws a route per example; draw=\'task\' is for routing=\'task\'')
     return InputRouter(num_layers, num_templates, num_tasks, channels=channels, algorithm=router, device=device,
                        dtype=dtype, **net, **router_args)
+
+
+def routing_loss(routers: List[Router], output: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
+    """The routers' loss for the last forward (Routing Networks): each example's reward comes from its own
+    cross-entropy and correctness (soft, mixup targets: their expected cross-entropy and argmax class)."""
+    if not routers:
+        return None
+    output = output.float()
+    if target.dim() == output.dim():  # soft targets
+        per_example = -(target * output.log_softmax(-1)).sum(-1)
+        correct = output.argmax(-1) == target.argmax(-1)
+    else:
+        per_example = F.cross_entropy(output, target, reduction='none')
+        correct = output.argmax(-1) == target
+    return sum(r.loss(per_example, correct) for r in routers)

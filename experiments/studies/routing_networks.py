@@ -39,11 +39,12 @@ from typing import Any, Dict, List
 
 import torch
 
-from ...tasks.fit import fit_tasks
-from ...tasks.routing import build_routed_task_model, route_usage
-from ...train.datasets import prepare_dataset
+from timm_isomix.tasks.fit import fit_tasks
+from timm_isomix.models.routed_multitask import build_routed_task_model
+from timm_isomix.tasks.route_usage import route_usage
+from timm_isomix.train.datasets import prepare_dataset
 from ..runner import RunState, Scale, Study, register
-from .multitask import STEPS
+from .multitask_learning import STEPS
 from ..task_runs import TRAINING, accuracies, alphas_and_sharing, task_sets, train_model
 
 __all__ = ['min_mtl_tasks', 'run_routing']

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from .. import models  # noqa: F401  (registers the isomix models)
-from ..tasks.data import load_task_data
-from ..tools.summary import count_macs
-from ..train.datasets import prepare_dataset
-from ..train.optim import mixture_param_groups
+from timm_isomix import models  # noqa: F401  (registers the isomix models)
+from timm_isomix.tasks.data import load_task_data
+from timm_isomix.tools.summary import count_macs
+from timm_isomix.train.datasets import prepare_dataset
+from timm_isomix.train.optim import mixture_param_groups
 from .mixture_stats import alphas_of, mixture_stats
 from .runner import RunState, Scale, state_root
 

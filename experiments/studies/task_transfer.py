@@ -19,10 +19,10 @@ from typing import Any, Dict
 
 import torch
 
-from ...tasks.transfer import TRANSFER_MODES, transfer
+from timm_isomix.tasks.transfer import TRANSFER_MODES, transfer
 from ..runner import RunState, Scale, Study, register
 from ..task_runs import shared_model, task_data, training
-from .multitask import TRUNK
+from .multitask_learning import TRUNK
 
 DIGITS = [{'name': n, 'data': n, 'classes': 10} for n in ('mnist', 'usps', 'cifar10')]
 MNISTM = {'name': 'mnistm', 'data': 'mnistm', 'classes': 10}
@@ -31,7 +31,7 @@ CIFAR10 = {'name': 'cifar10', 'data': 'cifar10', 'classes': 10}
 
 def miniimagenet_tasks(num_tasks: int = 5, per_task: int = 20):
     """mini-ImageNet's 100 classes (sorted WordNet ids) cut into `num_tasks` tasks of `per_task` classes."""
-    from ...train.datasets import prepare_dataset
+    from timm_isomix.train.datasets import prepare_dataset
     classes = sorted(d.name for d in (prepare_dataset('miniimagenet32') / 'train').iterdir() if d.is_dir())
     return [{'name': f'mini{i}', 'data': 'miniimagenet32', 'classes': classes[i * per_task:(i + 1) * per_task]}
             for i in range(num_tasks)]

@@ -7,7 +7,7 @@
 task file take precedence, flags fill in what the file leaves out.
 
 Routing Networks: `model_kwargs` with `routing` ('task' or 'input'; with `router` and `router_args`, or train.py's
-`--routing --router --router-*` flags) makes the model a `RoutedMultiTask` (tasks/routing.py): one routed trunk,
+`--routing --router --router-*` flags) makes the model a `RoutedMultiTask` (models/routed_multitask.py): one routed trunk,
 a head per task, the router trained at `router_lr`; the run then writes route frequencies instead of mixtures.
 """
 import argparse
@@ -31,7 +31,8 @@ from ..train.files import atomic_save, atomic_write_bytes
 from ..train.plots import js_sharing, plot_sharing, plot_task_mixtures
 from .data import load_task_data
 from .fit import fit_tasks
-from .routing import RoutedMultiTask, build_routed_task_model, plot_route_usage, route_usage
+from ..models.routed_multitask import RoutedMultiTask, build_routed_task_model
+from .route_usage import plot_route_usage, route_usage
 
 __all__ = [
     'TaskSpec', 'MultiTaskConfig', 'VARIANTS', 'read_task_config', 'config_from_flags', 'build_task_model',
@@ -43,7 +44,7 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class TaskSpec:
-    """One task: its name, its dataset (a name in ../shared/data or an ImageFolder path), its classes."""
+    """One task: its name, its dataset (an ImageFolder path, or a name in the config's `data_dir`), its classes."""
     name: str
     data: str
     classes: Union[int, List[str]]
@@ -68,6 +69,7 @@ class MultiTaskConfig:
     patch: bool = False                  # each task owns its BatchNorm scale and shift (the model patch)
     independent: bool = False            # each task runs its own stem and bank (independent networks)
     share_head: bool = False             # one head for all tasks (domains of one label space)
+    data_dir: Optional[str] = None       # folder of the tasks' datasets (or archives); None: $ISOMIX_DATA
     img_size: int = 32
     train_limit: Optional[int] = None    # images per task (seeded random subset); None: all
     val_limit: Optional[int] = None
@@ -155,7 +157,7 @@ def config_from_flags(args: argparse.Namespace) -> MultiTaskConfig:
     config = read_task_config(args.tasks)
     given = yaml.safe_load(Path(args.tasks).read_text()) if not isinstance(args.tasks, dict) else args.tasks
     given = given or {}
-    for name in ('model', 'img_size', 'epochs', 'lr', 'batch_size', 'opt', 'weight_decay', 'mixture_lr_mult',
+    for name in ('model', 'data_dir', 'img_size', 'epochs', 'lr', 'batch_size', 'opt', 'weight_decay', 'mixture_lr_mult',
                  'router_lr', 'warmup_epochs', 'output', 'experiment', 'device'):
         value = getattr(args, name, None)
         if given.get(name) is None and value not in (None, ''):
@@ -232,7 +234,7 @@ def load_task_model(path: Union[str, Path], map_location: str = 'cpu') -> Union[
 def _task_datasets(config: MultiTaskConfig):
     train_sets, val_sets = {}, {}
     for t in config.tasks:
-        root = prepare_dataset(t.data)
+        root = prepare_dataset(t.data, config.data_dir)
         limit_tr = t.train_limit if t.train_limit is not None else config.train_limit
         limit_val = t.val_limit if t.val_limit is not None else config.val_limit
         train_sets[t.name] = load_task_data(root, 'train', t.classes, config.img_size, limit_tr, config.seed, t.name)

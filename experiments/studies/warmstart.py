@@ -16,7 +16,7 @@ from typing import Any, Dict
 import timm
 import torch
 
-from ...models.resnet import resnet_to_isomix
+from timm_isomix.models.resnet import resnet_to_isomix
 from ..classify import DEFAULTS, evaluate, fit, task_tensors
 from ..runner import RunState, Scale, Study, register, state_root
 

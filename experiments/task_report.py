@@ -1,7 +1,7 @@
 """What the issue-13 studies add to the runner's report: sharing between tasks per layer, loss curves, and
 the label-free choice across alignments, all over seeds.
 
-    python -m timm_isomix.experiments.task_report STUDY [--scale cpu]
+    python -m experiments.task_report STUDY [--scale cpu]
 
 writes `sharing.md` (+ `sharing.png`, `sharing-pairs.png`, `adaptation-curves.png` where they apply) beside
 the runner's `report.md`:
@@ -26,9 +26,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..tasks.adaptation import select_candidate
-from ..train.files import atomic_write_bytes
-from ..train.plots import _pyplot, _save, js_divergence, plot_task_mixtures
+from timm_isomix.tasks.adaptation import select_candidate
+from timm_isomix.train.files import atomic_write_bytes
+from timm_isomix.train.plots import _pyplot, _save, js_divergence, plot_task_mixtures
 from .runner import STUDIES, finished_runs, results_root
 from . import studies  # noqa: F401  (registers the studies)
 
@@ -224,13 +224,13 @@ def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
             paths['curves'] = p
             lines.append('\n![objective per step](adaptation-curves.png)')
     paths['sharing'] = str(folder / 'sharing.md')
-    atomic_write_bytes(('\n'.join(lines) + f'\n\nThis file: `python -m timm_isomix.experiments.task_report '
+    atomic_write_bytes(('\n'.join(lines) + f'\n\nThis file: `python -m experiments.task_report '
                         f'{study.name}`.\n').encode(), paths['sharing'])
     return paths
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m timm_isomix.experiments.task_report', description=__doc__,
+    p = argparse.ArgumentParser(prog='python -m experiments.task_report', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('study', choices=sorted(STUDIES))
     p.add_argument('--scale', default='cpu')

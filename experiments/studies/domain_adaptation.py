@@ -21,14 +21,14 @@ from typing import Any, Dict, List
 import torch
 from torch.utils.data import TensorDataset
 
-from ...tasks.adaptation import (
+from timm_isomix.tasks.adaptation import (
     DEFAULT_ALIGN_WEIGHT, adapt_target, label_free_score, loss_decreased, select_candidate)
-from ...tasks.fit import evaluate
-from ...tasks.transfer import reestimate_stats
-from ...train.plots import js_divergence
+from timm_isomix.tasks.fit import evaluate
+from timm_isomix.tasks.transfer import reestimate_stats
+from timm_isomix.train.plots import js_divergence
 from ..runner import RunState, Scale, Study, register
 from ..task_runs import shared_model, task_data
-from .multitask import TRUNK
+from .multitask_learning import TRUNK
 
 SOURCES = [{'name': n, 'data': n, 'classes': 10} for n in ('mnist', 'usps')]
 TARGET = {'name': 'mnistm', 'data': 'mnistm', 'classes': 10}

@@ -1,4 +1,4 @@
-"""`python -m timm_isomix.experiments {run,report,list}`: see the package docstring."""
+"""`python -m experiments {run,report,list}`: see the package docstring."""
 import argparse
 import dataclasses
 import json
@@ -31,7 +31,7 @@ def _study(name: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m timm_isomix.experiments', description=__doc__)
+    p = argparse.ArgumentParser(prog='python -m experiments', description=__doc__)
     sub = p.add_subparsers(dest='command', required=True)
     run = sub.add_parser('run', help='run the unfinished (configuration, seed) pairs of a study')
     run.add_argument('study')

@@ -10,7 +10,7 @@ from typing import Dict
 
 import torch
 
-from ..train.plots import js_divergence
+from timm_isomix.train.plots import js_divergence
 
 __all__ = ['mixture_stats', 'alphas_of']
 

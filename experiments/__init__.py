@@ -1,4 +1,4 @@
-"""The study runner: `python -m timm_isomix.experiments run STUDY --seeds 0 1 2`, `report STUDY`, `list`.
+"""The research workspace's study runner (run from the checkout's root): `python -m experiments run STUDY --seeds 0 1 2`, `report STUDY`, `list`.
 
 A *study* is a named set of *configurations* (plain dicts) and one function that trains and measures one
 configuration for one seed. Each (study, configuration, seed) run is stored as one JSON file,
@@ -20,6 +20,15 @@ The default scale is sized for a 2-core CPU (one configuration-seed in about 10 
 `--epochs`, `--train-limit`, `--val-limit`, `--width-mult` and `--batch-size` scale it up on a bigger
 machine, and such runs are stored under their own scale name, never mixed with the default ones.
 """
-from .runner import STUDIES, RunState, Scale, Study, register
+import os
+from pathlib import Path
+
+# The workspace's datasets are the archives in ../shared/data beside the checkout, unless $ISOMIX_DATA names
+# another folder; the library itself only reads the folder it is given.
+_SHARED_DATA = Path(__file__).resolve().parent.parent.parent / 'shared' / 'data'
+if not os.environ.get('ISOMIX_DATA') and _SHARED_DATA.is_dir():
+    os.environ['ISOMIX_DATA'] = str(_SHARED_DATA)
+
+from .runner import STUDIES, RunState, Scale, Study, register  # noqa: E402
 
 __all__ = ['STUDIES', 'RunState', 'Scale', 'Study', 'register']

@@ -12,12 +12,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..train.files import atomic_save, atomic_write_bytes
+from timm_isomix.train.files import atomic_save, atomic_write_bytes
 
 __all__ = ['Scale', 'Study', 'RunState', 'STUDIES', 'register', 'results_root', 'result_path', 'run_one',
            'run_study', 'finished_runs']
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def results_root() -> Path:
@@ -95,7 +95,7 @@ class RunState:
 def _versions() -> Dict[str, str]:
     import timm
     import torchvision
-    from .. import __version__
+    from timm_isomix import __version__
     return {'python': platform.python_version(), 'torch': torch.__version__, 'torchvision': torchvision.__version__,
             'timm': timm.__version__, 'timm_isomix': __version__, 'machine': platform.machine(),
             'threads': torch.get_num_threads()}
@@ -188,7 +188,7 @@ def _run_parallel(study: Study, todo, scale: Scale, jobs: int, threads: int, log
     while pending or running:
         while pending and len(running) < jobs:
             c, s = pending.pop(0)
-            cmd = [sys.executable, '-m', 'timm_isomix.experiments', 'run', study.name, '--configs', c,
+            cmd = [sys.executable, '-m', 'experiments', 'run', study.name, '--configs', c,
                    '--seeds', str(s), '--jobs', '1', '--threads', str(threads), *scale_args]
             running.append(((c, s), subprocess.Popen(cmd)))
         time.sleep(1.)

@@ -5,8 +5,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from ..train.files import atomic_write_bytes
-from ..train.plots import plot_mixtures
+from timm_isomix.train.files import atomic_write_bytes
+from timm_isomix.train.plots import plot_mixtures
 from .runner import Study, finished_runs, results_root
 
 __all__ = ['summarize', 'markdown_table', 'write_report']
@@ -64,7 +64,7 @@ def markdown_table(study: Study, rows: List[Dict[str, Any]]) -> str:
 
 
 def _plot_curves(study: Study, scale: str, path) -> None:
-    from ..train.plots import _pyplot, _save
+    from timm_isomix.train.plots import _pyplot, _save
     plt = _pyplot()
     runs = finished_runs(study.name, scale)
     keys = [k for k in ('top1', 'entropy', 'moved') if any(k in h for rs in runs.values() for r in rs.values()
@@ -94,9 +94,9 @@ def write_report(study: Study, scale: str = 'cpu') -> Dict[str, str]:
     if not rows:
         raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r} in {folder}')
     text = (f'# {study.name} ({scale})\n\n{study.description}\n\n{markdown_table(study, rows)}\n\n'
-            f'Reproduce: `python -m timm_isomix.experiments run {study.name} --seeds '
+            f'Reproduce: `python -m experiments run {study.name} --seeds '
             f'{" ".join(map(str, sorted({s for r in rows for s in r["seeds"]})))}`; '
-            f'this file: `python -m timm_isomix.experiments report {study.name}`.\n')
+            f'this file: `python -m experiments report {study.name}`.\n')
     paths = {'report': str(folder / 'report.md')}
     atomic_write_bytes(text.encode(), paths['report'])
     atomic_write_bytes(json.dumps(rows, indent=1).encode(), str(folder / 'report.json'))

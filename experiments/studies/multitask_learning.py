@@ -18,7 +18,7 @@ MNIST-M's train split is carved from its official test split (the only part avai
 """
 from typing import Any, Dict
 
-from ...tasks.multitask import VARIANTS
+from timm_isomix.tasks.train_tasks import VARIANTS
 from ..runner import RunState, Scale, Study, register
 from ..task_runs import accuracies, alphas_and_sharing, train_model
 

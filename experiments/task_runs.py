@@ -19,13 +19,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import TensorDataset
 
-from ..models.multitask import MultiTaskIsoMix
-from ..tasks.data import load_task_data
-from ..tasks.fit import evaluate, fit_tasks
-from ..tasks.multitask import build_task_model
-from ..train.datasets import prepare_dataset
-from ..train.files import atomic_save
-from ..train.plots import js_sharing
+from timm_isomix.models.multitask import MultiTaskIsoMix
+from timm_isomix.tasks.data import load_task_data
+from timm_isomix.tasks.fit import evaluate, fit_tasks
+from timm_isomix.tasks.train_tasks import build_task_model
+from timm_isomix.train.datasets import prepare_dataset
+from timm_isomix.train.files import atomic_save
+from timm_isomix.train.plots import js_sharing
 from .runner import Scale, state_root
 
 __all__ = ['DATA_SEED', 'TRAINING', 'training', 'task_data', 'model_config', 'train_model', 'shared_model',
