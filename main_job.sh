@@ -25,10 +25,10 @@ if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv and installing timm-isomix"
     "${PYTHON:-python3}" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e .
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[plot]'
 elif ! .venv/bin/python -c "import timm_isomix, matplotlib" 2>/dev/null; then
     echo "== installing timm-isomix into the existing .venv"
-    .venv/bin/python -m pip install -q -e .
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[plot]'
 fi
 PY=.venv/bin/python
 # The project's datasets lie in ../shared/data beside the checkout unless ISOMIX_DATA names another folder.
