@@ -16,7 +16,8 @@ def _optional_int(text: str):
 
 
 def _scale(study, args) -> Scale:
-    scale = dataclasses.replace(study.scale)
+    """The study's default Scale, or its `--preset`'s, with the flags' fields overridden."""
+    scale = dataclasses.replace(study.base_scale(args.preset))
     for key in ('epochs', 'train_limit', 'val_limit', 'batch_size', 'width_mult'):
         value = getattr(args, key)
         if value is not None:
@@ -44,10 +45,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument('--val-limit', type=_optional_int, default=None, help='validation images, or "all"')
     run.add_argument('--batch-size', type=int, default=None)
     run.add_argument('--width-mult', type=float, default=None)
+    run.add_argument('--preset', default=None, help="a named scale of the study (e.g. 'full'); the flags above "
+                     "override its fields")
     rep = sub.add_parser('report', help='write report.md and plots from the finished runs')
     rep.add_argument('study')
     rep.add_argument('--scale', default='cpu', help='scale name (the folder under the study; default cpu)')
     rep.add_argument('--json', action='store_true', help='print the per-configuration summary as JSON instead')
+    rep.add_argument('--preset', default=None, help="the runs of a named scale (the same as --scale NAME)")
     sub.add_parser('list', help='each study, its configurations and finished seeds')
     args = p.parse_args(argv)
 
@@ -63,6 +67,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     study = _study(args.study)
     if args.command == 'report':
+        if args.preset is not None:
+            if args.preset not in study.presets:
+                print(f'experiments: error: study {study.name!r} has no preset {args.preset!r}; it has '
+                      f'{sorted(study.presets) or "none"}', file=sys.stderr)
+                return 2
+            args.scale = args.preset
         if args.json:
             rows = summarize(study, args.scale)
             print(json.dumps([{'config': r['config'], 'top1_mean': r.get('top1_mean'), 'top1_std': r.get('top1_std'),
@@ -80,7 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'experiments: error: --epochs must be at least 1, got {args.epochs}', file=sys.stderr)
         return 2
     try:
-        failed = run_study(study, args.seeds, _scale(study, args), args.configs, args.jobs, args.threads)
+        failed = run_study(study, args.seeds, _scale(study, args), args.configs, args.jobs, args.threads,
+                           preset=args.preset)
     except KeyError as e:
         print(f'experiments: error: {e.args[0]}', file=sys.stderr)
         return 2

@@ -14,8 +14,8 @@ import torch
 
 from timm_isomix.train.files import atomic_save, atomic_write_bytes
 
-__all__ = ['Scale', 'Study', 'RunState', 'STUDIES', 'register', 'results_root', 'result_path', 'run_one',
-           'run_study', 'finished_runs']
+__all__ = ['Scale', 'Study', 'RunState', 'STUDIES', 'register', 'results_root', 'result_path', 'merge_config',
+           'run_one', 'run_study', 'finished_runs']
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,18 +32,43 @@ def state_root() -> Path:
 
 @dataclass
 class Scale:
-    """How big a run is. The study's own Scale is its CPU default; flags override fields."""
+    """How big a run is. The study's own Scale is its CPU default, its presets the named larger ones (e.g.
+    'full'); flags override fields of either."""
     epochs: int = 5
     train_limit: Optional[int] = None   # training images (seeded subset, the same for every seed); None: all
     val_limit: Optional[int] = None
     batch_size: int = 64
     width_mult: float = 1.0             # multiplies the model's width (model_kwargs['width'])
+    # A preset's changes to every configuration (a wider trunk, its recipe), merged key by key into nested
+    # dicts (merge_config); no flag sets them, so a CPU-default scale has none.
+    overrides: Dict[str, Any] = field(default_factory=dict)
 
-    def name(self, default: 'Scale') -> str:
-        """'cpu' for the study's default scale, else the overridden fields (e.g. 'epochs30-train_limitall')."""
+    def name(self, default: 'Scale', preset: Optional[str] = None) -> str:
+        """The folder of runs at this scale: 'cpu' for the study's default scale, else the overridden fields
+        (e.g. 'epochs30-train_limitall'); `preset` (with `default` that preset's Scale): its name, followed by
+        the fields overridden on top of it (e.g. 'full', 'full-epochs1-train_limit256')."""
         diff = [f'{k}{"all" if v is None else v}' for k, v in dataclasses.asdict(self).items()
-                if v != getattr(default, k)]
-        return 'cpu' if not diff else '-'.join(diff)
+                if k != 'overrides' and v != getattr(default, k)]
+        if preset is None:
+            return 'cpu' if not diff else '-'.join(diff)
+        return '-'.join([preset, *diff])
+
+    def flags(self) -> List[str]:
+        """The command-line flags that set every field a flag can set (`overrides` come with a preset)."""
+        out = []
+        for k, v in dataclasses.asdict(self).items():
+            if k != 'overrides':
+                out += [f'--{k.replace("_", "-")}', 'all' if v is None else str(v)]
+        return out
+
+
+def merge_config(config: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """`config` with `overrides` applied: a dict value merges into the config's dict of that key, key by key
+    (so {'model_kwargs': {'width': 128}} keeps the other model arguments); anything else replaces."""
+    out = dict(config)
+    for k, v in overrides.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 @dataclass
@@ -54,6 +79,20 @@ class Study:
     run: Callable[..., Dict[str, Any]]   # (config, seed, scale, state) -> result with 'top1' and 'params'
     scale: Scale = field(default_factory=Scale)
     metrics: Sequence[str] = ('top1',)   # result keys the report tabulates (mean +- std)
+    # Named scales beside the CPU default (`--preset NAME`), each stored under its own name: 'full' is the
+    # size the literature trains such models at (full training sets, its epochs, GPU batch sizes).
+    presets: Dict[str, Scale] = field(default_factory=dict)
+
+    def base_scale(self, preset: Optional[str] = None) -> Scale:
+        """The study's default Scale, or that of one of its presets (KeyError naming the presets it has)."""
+        if preset is None:
+            return self.scale
+        if preset not in self.presets:
+            raise KeyError(f'study {self.name!r} has no preset {preset!r}; it has {sorted(self.presets) or "none"}')
+        return self.presets[preset]
+
+    def scale_name(self, scale: Scale, preset: Optional[str] = None) -> str:
+        return scale.name(self.base_scale(preset), preset)
 
 
 STUDIES: Dict[str, Study] = {}
@@ -63,6 +102,12 @@ def register(study: Study) -> Study:
     bad = [c for c in study.configs if not c or '/' in c or c.startswith('.')]
     if bad:
         raise ValueError(f'study {study.name!r}: configuration names {bad} cannot be folder names')
+    # a preset's name starts its scale folders, so it must not read as the CPU default or as a field override
+    fields = [f.name for f in dataclasses.fields(Scale)]
+    bad = [p for p in study.presets if not p.isalnum() or p == 'cpu' or any(p.startswith(f) for f in fields)]
+    if bad:
+        raise ValueError(f'study {study.name!r}: preset names {bad} must be letters and digits, not "cpu", '
+                         f'and not start with a scale field ({", ".join(fields)})')
     STUDIES[study.name] = study
     return study
 
@@ -123,16 +168,20 @@ def finished_runs(study: str, scale: str = 'cpu') -> Dict[str, Dict[int, Dict[st
     return out
 
 
-def run_one(study: Study, config_name: str, seed: int, scale: Scale) -> Dict[str, Any]:
-    """Run (or resume, or skip if finished) one configuration-seed; return its stored record."""
+def run_one(study: Study, config_name: str, seed: int, scale: Scale, preset: Optional[str] = None) -> Dict[str, Any]:
+    """Run (or resume, or skip if finished) one configuration-seed; return its stored record.
+
+    At a preset's scale (`preset` names it; `scale` is that preset's Scale, possibly with fields overridden)
+    the configuration is the study's with the preset's `overrides` merged in, and the record stores it so.
+    """
     if config_name not in study.configs:
         raise KeyError(f'study {study.name!r} has no configuration {config_name!r}; it has {list(study.configs)}')
-    scale_name = scale.name(study.scale)
+    scale_name = study.scale_name(scale, preset)
     path = result_path(study.name, scale_name, config_name, seed)
     if path.is_file():
         return json.loads(path.read_text())
     state = RunState(state_root() / study.name / scale_name / config_name / f'seed{seed}')
-    config = study.configs[config_name]
+    config = merge_config(study.configs[config_name], scale.overrides)
     start = time.time()
     saved = state.load()
     elapsed_before = float(saved.get('wall_time', 0.)) if saved else 0.
@@ -144,14 +193,17 @@ def run_one(study: Study, config_name: str, seed: int, scale: Scale) -> Dict[str
         'wall_time': round(elapsed_before + time.time() - start, 1), 'resumed': saved is not None,
         'history': _plain(history), 'result': _plain(result),
     }
+    if preset is not None:
+        record['preset'] = preset
     atomic_write_bytes(json.dumps(record, indent=1).encode(), str(path))
     state.clear()
     return record
 
 
 def run_study(study: Study, seeds: Sequence[int], scale: Scale, configs: Optional[Sequence[str]] = None,
-              jobs: int = 1, threads: Optional[int] = None, log=print) -> List[str]:
+              jobs: int = 1, threads: Optional[int] = None, log=print, preset: Optional[str] = None) -> List[str]:
     """Run every (configuration, seed) not finished yet; `jobs` > 1 runs them in parallel subprocesses.
+    `preset`: `scale` is that preset's (run_one).
 
     Returns the names of the runs that failed (their errors are logged; the others go on).
     """
@@ -159,7 +211,7 @@ def run_study(study: Study, seeds: Sequence[int], scale: Scale, configs: Optiona
     unknown = [c for c in configs if c not in study.configs]
     if unknown:
         raise KeyError(f'study {study.name!r} has no configurations {unknown}; it has {list(study.configs)}')
-    scale_name = scale.name(study.scale)
+    scale_name = study.scale_name(scale, preset)
     todo = [(c, s) for s in seeds for c in configs if not result_path(study.name, scale_name, c, s).is_file()]
     log(f'{study.name} [{scale_name}]: {len(todo)} of {len(configs) * len(seeds)} runs to do')
     failed = []
@@ -169,7 +221,7 @@ def run_study(study: Study, seeds: Sequence[int], scale: Scale, configs: Optiona
         for c, s in todo:
             t = time.time()
             try:
-                record = run_one(study, c, s, scale)
+                record = run_one(study, c, s, scale, preset)
             except Exception as e:  # one failing run does not stop the study
                 log(f'  {c} seed {s}: FAILED {type(e).__name__}: {e}')
                 failed.append(f'{c}/seed{s}')
@@ -177,13 +229,11 @@ def run_study(study: Study, seeds: Sequence[int], scale: Scale, configs: Optiona
             log(f'  {c} seed {s}: top-1 {record["result"].get("top1", float("nan")):.2f} '
                 f'({time.time() - t:.0f} s)')
         return failed
-    return _run_parallel(study, todo, scale, jobs, threads or 1, log)
+    return _run_parallel(study, todo, scale, jobs, threads or 1, log, preset)
 
 
-def _run_parallel(study: Study, todo, scale: Scale, jobs: int, threads: int, log) -> List[str]:
-    scale_args = []
-    for k, v in dataclasses.asdict(scale).items():
-        scale_args += [f'--{k.replace("_", "-")}', 'all' if v is None else str(v)]
+def _run_parallel(study: Study, todo, scale: Scale, jobs: int, threads: int, log, preset: Optional[str]) -> List[str]:
+    scale_args = scale.flags() + (['--preset', preset] if preset is not None else [])
     pending, running, failed = list(todo), [], []
     while pending or running:
         while pending and len(running) < jobs:
