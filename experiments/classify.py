@@ -2,31 +2,26 @@
 
 The data are a seeded subset of a shared dataset held as tensors (cached under the state folder), so
 epochs cost only the model's compute; the subset is the same for every seed (seeds vary the model's
-initialisation and the data order). Training: AdamW, cosine schedule with warm-up, label smoothing,
-random crop (4 px padding) and, for natural images, horizontal flip; the mixture logits in their own
-group (`mixture_lr_mult`, no weight decay). Each epoch records train loss and accuracy, val top-1 and how
-the mixtures moved (mixture_stats.py), and saves the run's state, so a killed run resumes where it was.
-The result is the last epoch's val top-1: nothing is selected on the validation data. Runs use CUDA when
-it is available (`$ISOMIX_DEVICE` overrides), else the CPU.
+initialisation and the data order). Training is the library's in-memory loop (`timm_isomix.tasks.fit.fit`,
+one seeded permutation of the data per epoch): AdamW, cosine schedule with warm-up, label smoothing, random
+crop (4 px padding) and, for natural images, horizontal flip; the mixture logits in their own group
+(`mixture_lr_mult`, no weight decay). Each epoch records train loss and accuracy, val top-1 and how the
+mixtures moved (mixture_stats.py), and saves the run's state, so a killed run resumes where it was. The
+result is the last epoch's val top-1: nothing is selected on the validation data. Runs use CUDA when it is
+available (`$ISOMIX_DEVICE` overrides), else the CPU.
 """
-import math
-import os
-import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 
 from timm_isomix import models  # noqa: F401  (registers the isomix models)
+from timm_isomix.tasks import fit as loop
 from timm_isomix.tasks.data import load_task_data
 from timm_isomix.tools.summary import count_macs
 from timm_isomix.train.datasets import prepare_dataset
-from timm_isomix.train.optim import mixture_param_groups
 from .mixture_stats import alphas_of, mixture_stats
 from .runner import RunState, Scale, state_root
 
@@ -37,10 +32,7 @@ DEFAULTS: Dict[str, Any] = dict(
     opt='adamw', lr=3e-3, weight_decay=0.05, mixture_lr_mult=1.0, warmup_epochs=1, smoothing=0.1,
 )
 DATA_SEED = 0  # the training subset is the same for every run seed
-
-
-def run_device() -> torch.device:
-    return torch.device(os.environ.get('ISOMIX_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu'))
+run_device = loop.default_device
 
 
 def task_tensors(data: str, img_size: int, train_limit: Optional[int], val_limit: Optional[int]):
@@ -70,90 +62,22 @@ def build_model(config: Dict[str, Any], num_classes: int, scale: Scale) -> nn.Mo
     return timm.create_model(config['model'], num_classes=num_classes, **kwargs)
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, flip: bool) -> torch.Tensor:
-    """Random crop of the image padded by 4 px (reflection), and a horizontal flip with probability 1/2."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4), mode='reflect')
-    dy, dx = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
-    x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if flip:
-        mask = torch.rand(n, generator=g) < 0.5
-        x[mask] = x[mask].flip(-1)
-    return x
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int = 256) -> float:
-    model.eval()
-    xs, ys = dataset.tensors
-    device = next(model.parameters()).device
-    correct = sum((model(xs[i:i + batch_size].to(device)).argmax(-1).cpu() == ys[i:i + batch_size]).sum().item()
-                  for i in range(0, len(ys), batch_size))
-    return 100. * correct / max(len(ys), 1)
-
-
-def _optimizer(model: nn.Module, cfg: Dict[str, Any], epochs: int, steps: int):
-    groups = mixture_param_groups(model, cfg['weight_decay'], cfg['lr'], cfg['mixture_lr_mult'])
-    optimizer = create_optimizer_v2(groups, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched='cosine', num_epochs=epochs, warmup_epochs=min(cfg['warmup_epochs'], max(epochs - 1, 0)),
-        warmup_lr=cfg['lr'] * 0.01, min_lr=cfg['lr'] * 0.01, step_on_epochs=False, updates_per_epoch=steps)
-    return optimizer, scheduler
-
-
-def _train_epoch(model, optimizer, scheduler, train, cfg, batch_size: int, epoch: int, seed: int) -> Tuple[float, float]:
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    torch.manual_seed(seed * 1000 + epoch)  # drop-path and any other randomness of the model
-    xs, ys = train.tensors
-    steps = len(ys) // batch_size
-    perm = torch.randperm(len(ys), generator=g)
-    model.train()
-    device = next(model.parameters()).device
-    loss_sum = correct = seen = 0.
-    for step in range(steps):
-        idx = perm[step * batch_size:(step + 1) * batch_size]
-        x, y = _augment(xs[idx], g, cfg['flip']).to(device), ys[idx].to(device)
-        out = model(x)
-        loss = F.cross_entropy(out, y, label_smoothing=cfg['smoothing'])
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}: lower lr')
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step_update(epoch * steps + step + 1)
-        loss_sum += loss.item() * len(y)
-        correct += (out.argmax(-1) == y).sum().item()
-        seen += len(y)
-    scheduler.step(epoch + 1)
-    return loss_sum / max(seen, 1), 100. * correct / max(seen, 1)
+def evaluate(model: nn.Module, dataset) -> float:
+    """Top-1 (%) of a single-task model on `dataset`, where the model is."""
+    return loop.evaluate(model, None, dataset)
 
 
 def fit(model: nn.Module, train, val, cfg: Dict[str, Any], epochs: int, batch_size: int, seed: int,
         state: Optional[RunState] = None, tag: str = 'fit') -> Dict[str, Any]:
-    """Train `model` for `epochs` (resuming from `state` if it holds this phase); return history and alphas."""
-    steps = len(train.tensors[1]) // batch_size
-    if steps == 0:
-        raise ValueError(f'{len(train.tensors[1])} training images give no batch of {batch_size}')
-    model.to(run_device())
-    optimizer, scheduler = _optimizer(model, cfg, epochs, steps)
-    start_alphas, history, start_epoch = alphas_of(model), [], 0
-    saved = state.load() if state is not None else None
-    if saved is not None and saved.get('phase') == tag:
-        model.load_state_dict(saved['model'])
-        optimizer.load_state_dict(saved['optimizer'])
-        scheduler.load_state_dict(saved['scheduler'])
-        start_alphas, history, start_epoch = saved['start_alphas'], saved['history'], saved['epoch'] + 1
-    for epoch in range(start_epoch, epochs):
-        t = time.time()
-        loss, train_top1 = _train_epoch(model, optimizer, scheduler, train, cfg, batch_size, epoch, seed)
-        record = {'epoch': epoch + 1, 'train_loss': loss, 'train_top1': train_top1, 'top1': evaluate(model, val),
-                  'time': time.time() - t, **mixture_stats(alphas_of(model), start_alphas)}
-        history.append(record)
-        if state is not None:
-            state.save({'phase': tag, 'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                        'scheduler': scheduler.state_dict(), 'start_alphas': start_alphas, 'history': history,
-                        'extra': (saved or {}).get('extra', {})})
-    return {'history': history, 'start_alphas': start_alphas, 'alphas': alphas_of(model)}
+    """Train `model` for `epochs` with the recipe `cfg` (resuming from `state` if it holds this phase);
+    return its history and the mixtures at the start and the end."""
+    keep = {'start_alphas': alphas_of(model)}  # restored from the state when the run resumes
+    history = loop.fit(
+        model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, lr=cfg['lr'], opt=cfg['opt'],
+        weight_decay=cfg['weight_decay'], mixture_lr_mult=cfg['mixture_lr_mult'], warmup_epochs=cfg['warmup_epochs'],
+        smoothing=cfg['smoothing'], augment='crop_flip' if cfg['flip'] else 'crop', state=state, tag=tag, keep=keep,
+        epoch_metrics=lambda m: mixture_stats(alphas_of(m), keep['start_alphas']))
+    return {'history': history, 'start_alphas': keep['start_alphas'], 'alphas': alphas_of(model)}
 
 
 def train_classifier(config: Dict[str, Any], seed: int, scale: Scale, state: RunState) -> Dict[str, Any]:

@@ -2,11 +2,12 @@
 
 Each task's data is a split of a shared dataset (optionally some of its classes, or a seeded subset),
 held as tensors and cached on disk as uint8 (exact: the images are 8-bit), the same for every seed.
-Multi-task models train with `tasks.fit.fit_tasks`: one batch of every task per step, an epoch as
-many steps as the mean task has batches, at most a configuration's `steps_per_epoch` (a compute budget:
-each task still draws from its whole training set), AdamW with a cosine schedule, no augmentation; every
-variant of a study takes the same steps. Models a study's configurations share (the bank that transfer and
-adaptation start from) are trained once per seed and scale and kept under the state folder.
+Multi-task models train with the library's in-memory loop (`tasks.fit.fit_tasks`): one batch of every task
+per step, an epoch as many steps as the mean task has batches, at most a configuration's `steps_per_epoch` (a
+compute budget: each task still draws from its whole training set), AdamW with a cosine schedule, no
+augmentation; every variant of a study takes the same steps. Models a study's configurations share (the bank
+that transfer and adaptation start from) are trained once per seed and scale and kept under the state folder.
+Runs use CUDA when it is available (`$ISOMIX_DEVICE` overrides, `tasks.fit.default_device`), else the CPU.
 """
 import contextlib
 import hashlib
@@ -21,12 +22,12 @@ from torch.utils.data import TensorDataset
 
 from timm_isomix.models.multitask import MultiTaskIsoMix
 from timm_isomix.tasks.data import load_task_data
-from timm_isomix.tasks.fit import evaluate, fit_tasks
+from timm_isomix.tasks.fit import default_device, evaluate, fit_tasks
 from timm_isomix.tasks.train_tasks import build_task_model
 from timm_isomix.train.datasets import prepare_dataset
 from timm_isomix.train.files import atomic_save
 from timm_isomix.train.plots import js_sharing
-from .runner import Scale, state_root
+from .runner import RunState, Scale, state_root
 
 __all__ = ['DATA_SEED', 'TRAINING', 'training', 'task_data', 'model_config', 'train_model', 'shared_model',
            'alphas_and_sharing']
@@ -79,8 +80,8 @@ def model_config(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], scale:
 
 
 def train_model(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], seed: int, scale: Scale,
-                epochs: Optional[int] = None):
-    """Build and jointly train the multi-task model of `config` on `tasks`.
+                epochs: Optional[int] = None, state: Optional[RunState] = None):
+    """Build and jointly train the multi-task model of `config` on `tasks` (resuming from `state`, if given).
 
     Returns {'model', 'history' (per epoch, 'top1' = mean over tasks), 'seconds', 'train', 'val' (datasets)}.
     """
@@ -93,7 +94,7 @@ def train_model(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], seed: i
     if steps:  # a cap: smaller (--train-limit) sets keep their own, shorter epoch
         steps = min(steps, max(1, round(sum(max(1, len(ds) // scale.batch_size) for ds in train.values()) / len(train))))
     history = fit_tasks(model, train, val, epochs=epochs or scale.epochs, batch_size=scale.batch_size, seed=seed,
-                        steps_per_epoch=steps, **training(config))
+                        steps_per_epoch=steps, state=state, **training(config))
     for h in history:  # the runner's curves read 'top1': the mean over tasks
         h['top1'] = sum(h[f'{t}_top1'] for t in train) / len(train)
     return {'model': model, 'history': history, 'seconds': time.time() - start, 'train': train, 'val': val}
@@ -120,7 +121,8 @@ def _lock(path: Path, timeout: float = 3600.):
 
 
 def shared_model(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], seed: int, scale: Scale):
-    """The model of `config` trained on `tasks` for this seed and scale, trained once and then loaded.
+    """The model of `config` trained on `tasks` for this seed and scale, trained once and then loaded (onto
+    `default_device()`).
 
     Returns (model, info) with info = {'top1': per task, 'train_time', 'history'}.
     """
@@ -140,7 +142,7 @@ def shared_model(config: Dict[str, Any], tasks: Sequence[Dict[str, Any]], seed: 
     saved = torch.load(path, map_location='cpu', weights_only=True)
     model = build_task_model(model_config(config, tasks, scale))
     model.load_state_dict(saved['state_dict'])
-    return model.eval(), saved['info']
+    return model.to(default_device()).eval(), saved['info']
 
 
 def alphas_and_sharing(model: MultiTaskIsoMix, tasks: Optional[List[str]] = None) -> Dict[str, Any]:

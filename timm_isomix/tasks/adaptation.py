@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..models.multitask import MultiTaskIsoMix
+from .fit import model_device
 from .transfer import batch_images, reestimate_stats
 
 __all__ = ['ALIGNMENTS', 'DEFAULT_ALIGN_WEIGHT', 'information_maximization', 'moment_distance',
@@ -194,14 +195,16 @@ def adapt_target(
         align_weight: Optional[float] = None,
         im_weight: float = 1.0,
         stats: str = 'adabn',
-        device: Union[str, torch.device] = 'cpu',
+        device: Optional[Union[str, torch.device]] = None,
         seed: int = 0,
 ) -> List[dict]:
     """Adapt the unlabelled `target` task by training only its own mixture logits (module docstring).
 
     `source_data` (task name -> images, labels ignored) feeds the alignment. Returns the loss terms of
-    every step (the curves that show whether the objective decreased).
+    every step (the curves that show whether the objective decreased). The data go to `device`, by default
+    the model's.
     """
+    device = model_device(model) if device is None else device
     source_data = source_data or {}
     logits = _prepare(model, target, target_data, source_data, stats)
     if align != 'none' and not source_data:
@@ -248,9 +251,11 @@ def adapt_target(
 
 @torch.no_grad()
 def label_free_score(model: MultiTaskIsoMix, task: str, images: Dataset, batch_size: int = 256,
-                     device: Union[str, torch.device] = 'cpu') -> float:
+                     device: Optional[Union[str, torch.device]] = None) -> float:
     """The information-maximisation term (entropy - diversity, nats; lower is better) of `task`'s
-    predictions on unlabelled `images`, in eval mode: the selection score that never sees a label."""
+    predictions on unlabelled `images`, in eval mode (on `device`, by default the model's): the selection score
+    that never sees a label."""
+    device = model_device(model) if device is None else device
     was_training = model.training
     model.eval()
     probs = torch.cat([model(batch_images(b).to(device), task=task).softmax(-1)

@@ -4,7 +4,7 @@
     plot_route_usage(usage, out_dir)         # routes.png, routes-per-class-<task>.png, routes-sharing.png
 """
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -12,15 +12,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..models.routed_multitask import RoutedMultiTask
 from ..train.plots import js_sharing, plot_sharing, plot_task_mixtures
+from .fit import model_device
 
 __all__ = ['route_usage', 'plot_route_usage']
 
 
 @torch.no_grad()
 def route_usage(model: RoutedMultiTask, datasets: Dict[str, Dataset], batch_size: int = 256,
-                device: Union[str, torch.device] = 'cpu') -> Dict[str, Any]:
+                device: Optional[Union[str, torch.device]] = None) -> Dict[str, Any]:
     """How often each template is chosen, in eval mode: {'per_task': {task: (L, K)}, 'per_class':
-    {task: {class: (L, K)}}, 'js_per_layer': mean pairwise Jensen-Shannon divergence between tasks (L,)}."""
+    {task: {class: (L, K)}}, 'js_per_layer': mean pairwise Jensen-Shannon divergence between tasks (L,)}.
+    The images go to `device`, by default the model's."""
+    device = model_device(model) if device is None else device
     was_training = model.training
     model.eval()
     k = model.router.num_templates

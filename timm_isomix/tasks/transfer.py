@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..models.multitask import MultiTaskIsoMix, count_params
-from .fit import evaluate, fit_tasks
+from .fit import default_device, evaluate, fit_tasks, model_device
 
 __all__ = ['TransferMode', 'TRANSFER_MODES', 'freeze_for_transfer', 'transfer', 'reestimate_stats', 'batch_images']
 
@@ -60,8 +60,8 @@ def _mode(mode: str) -> TransferMode:
 def freeze_for_transfer(model: MultiTaskIsoMix, task: str, mode: str = 'mixture') -> List[nn.Parameter]:
     """Set requires_grad for training `task` alone in `mode` and return the trainable parameters.
 
-    Only `task`'s own parameters (its mixture logits, patch, head) and, for 'full', the stem and bank
-    it runs can learn; everything else (other tasks, the shared mixture) is frozen.
+    Only `task`'s own parameters (its mixture logits, patch, head) and, for 'full', the stem, unbanked blocks
+    and banks it runs can learn; everything else (other tasks, the shared mixture) is frozen.
     """
     m = _mode(mode)
     path = model._path(task)
@@ -72,11 +72,11 @@ def freeze_for_transfer(model: MultiTaskIsoMix, task: str, mode: str = 'mixture'
         if not path.has_patch:
             raise ValueError(f'mode {mode!r} trains the BatchNorm patch, but task {task!r} has none '
                              f'(add it with add_task(..., patch=True))')
-        trainable += [path.patch_stem, path.patch_layers]
+        trainable += path.patch_parameters()
     if m.head:
         trainable += list(path.head.parameters())
     if m.trunk:
-        trainable += list(model._stem(path).parameters()) + list(model._bank(path).parameters())
+        trainable += model.trunk_parameters(task)
     ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
@@ -91,15 +91,18 @@ def transfer(
         val_set: Optional[Dataset] = None,
         mode: str = 'mixture',
         init_from: Optional[str] = None,
-        device: Union[str, torch.device] = 'cpu',
+        device: Optional[Union[str, torch.device]] = None,
         **fit_kwargs,
 ) -> dict:
-    """Add `task` to a trained model and train it in `mode` (see the module docstring).
+    """Add `task` to a trained model and train it in `mode` (see the module docstring), on `device` (default:
+    `fit.default_device()`, CUDA when available), where the model is moved first.
 
     Returns {'mode', 'top1' (on `val_set`, None without), 'trainable' (parameters that learned),
     'task_params' (parameters only this task uses), 'history' (per-epoch metrics, [] for 'stats')}.
     """
     m = _mode(mode)
+    device = default_device() if device is None else torch.device(device)
+    model.to(device)
     if init_from is None and (m.stats == 'frozen' or not m.learns):
         raise ValueError(f'mode {mode!r} runs a source task\'s statistics or head: name it with init_from')
     source_head = model._path(init_from).head if init_from is not None else None
@@ -136,8 +139,10 @@ def batch_images(batch):
 
 @torch.no_grad()
 def reestimate_stats(model: MultiTaskIsoMix, task: str, dataset: Dataset, batch_size: int = 256,
-                     device: Union[str, torch.device] = 'cpu') -> None:
-    """Replace `task`'s BatchNorm statistics by their average over `dataset` (AdaBN); parameters untouched."""
+                     device: Optional[Union[str, torch.device]] = None) -> None:
+    """Replace `task`'s BatchNorm statistics by their average over `dataset` (AdaBN); parameters untouched.
+    The images go to `device`, by default the model's."""
+    device = model_device(model) if device is None else device
     if len(dataset) == 0:
         raise ValueError(f'cannot re-estimate statistics of task {task!r}: the dataset is empty')
     norms = model._path(task).norm_stats()
