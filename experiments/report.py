@@ -1,4 +1,6 @@
-"""Reports of a study from its result files: a markdown table (mean +- std over seeds, n), JSON, plots."""
+"""Reports of a study from its result files: its tables (mean +- std over seeds, n), its verdicts
+(`verdicts.py`), the commands that reproduce it, JSON and plots."""
+import dataclasses
 import json
 import statistics
 from typing import Any, Dict, List
@@ -7,9 +9,15 @@ import torch
 
 from timm_isomix.train.files import atomic_write_bytes
 from timm_isomix.train.plots import plot_mixtures
-from .runner import Study, finished_runs, results_root
+from .runner import STUDIES, Study, finished_runs, results_root
+from .verdicts import Results, verdicts_of
 
-__all__ = ['summarize', 'markdown_table', 'write_report']
+__all__ = ['summarize', 'markdown_table', 'report_text', 'write_report']
+
+# Studies whose report also shows another study's runs: the same trunk, data, steps and seeds, run once there.
+CONTROLS = {'routing-digits-cifar10': ('multitask-digits-cifar10', ('isomix', 'hard_shared', 'independent'))}
+# Studies whose configurations are METHOD_T<tasks>: one more table, a metric per method and task count.
+PIVOTS = {'routing-scaling': 'train_time_per_task'}
 
 
 def _mean_std(values: List[float]):
@@ -18,11 +26,13 @@ def _mean_std(values: List[float]):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.)
 
 
-def summarize(study: Study, scale: str = 'cpu') -> List[Dict[str, Any]]:
-    """One row per configuration with finished runs: n, seeds, mean and std of each metric, params, MACs, time."""
+def summarize(study: Study, scale: str = 'cpu', source: str = None, configs=None) -> List[Dict[str, Any]]:
+    """One row per configuration with finished runs: n, seeds, mean and std of each metric, params, MACs, time.
+
+    `source` reads another study's runs (its `configs`) with this study's metrics."""
     rows = []
-    runs = finished_runs(study.name, scale)
-    for name in study.configs:
+    runs = finished_runs(source or study.name, scale)
+    for name in configs or study.configs:
         records = runs.get(name, {})
         if not records:
             continue
@@ -42,6 +52,9 @@ def summarize(study: Study, scale: str = 'cpu') -> List[Dict[str, Any]]:
 def _fmt(row: Dict[str, Any], metric: str, digits: int = 2) -> str:
     if f'{metric}_mean' not in row:
         return ''
+    mean, std = row[f'{metric}_mean'], row[f'{metric}_std']
+    if std == 0 and float(mean).is_integer():  # a count the same in every seed (parameters)
+        return f'{int(mean):,}'
     return f'{row[f"{metric}_mean"]:.{digits}f} ± {row[f"{metric}_std"]:.{digits}f}'
 
 
@@ -53,7 +66,7 @@ def markdown_table(study: Study, rows: List[Dict[str, Any]]) -> str:
         head += ['entropy (nats)', 'moved (TV)', 'layers changed', 'layer diversity (JS)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
-        cells = [f'`{r["config"]}`', *[_fmt(r, m) for m in metrics], str(r['n']),
+        cells = [f'`{r.get("source", "")}{r["config"]}`', *[_fmt(r, m) for m in metrics], str(r['n']),
                  f'{r["params"] / 1e6:.3f}M' if 'params' in r else '',
                  f'{r["macs"] / 1e6:.1f}' if 'macs' in r else '',
                  f'{r["train_time_mean"] / 60:.1f}' if 'train_time_mean' in r else '']
@@ -86,21 +99,85 @@ def _plot_curves(study: Study, scale: str, path) -> None:
     _save(fig, path, dpi=100, bbox_inches='tight')
 
 
-def write_report(study: Study, scale: str = 'cpu') -> Dict[str, str]:
-    """Write `report.md`, `curves.png` and `mixtures.png` (final alpha averaged over seeds, per soft
-    configuration) into the study's result folder; return their paths."""
+def _pivot(study: Study, rows: List[Dict[str, Any]], metric: str) -> str:
+    """Methods as rows, task counts as columns (configurations named METHOD_T<count>)."""
+    cells: Dict[str, Dict[int, str]] = {}
+    for r in rows:
+        method, count = r['config'].rsplit('_T', 1)
+        cells.setdefault(method, {})[int(count)] = _fmt(r, metric)
+    counts = sorted({c for v in cells.values() for c in v})
+    lines = [f'| {metric} (mean ± std) | ' + ' | '.join(f'{c} tasks' for c in counts) + ' |',
+             '|' + '---|' * (len(counts) + 1)]
+    lines += [f'| `{m}` | ' + ' | '.join(v.get(c, '') for c in counts) + ' |' for m, v in cells.items()]
+    return '\n'.join(lines)
+
+
+def _run_flags(study: Study, scale: str) -> str:
+    """The `run` flags of a scale: the fields in which its result files differ from the study's default."""
+    if scale == 'cpu':
+        return ''
+    record = next(r for rs in finished_runs(study.name, scale).values() for r in rs.values())
+    default = dataclasses.asdict(study.scale)
+    return ''.join(f' --{k.replace("_", "-")} {"all" if v is None else v}'
+                   for k, v in record['scale_fields'].items() if v != default.get(k))
+
+
+def _verdict_lines(study: Study, scale: str) -> List[str]:
+    verdicts = verdicts_of(study.name, scale)
+    if not verdicts:
+        return ['No verdict is recorded for this scale (`experiments/verdicts.py`).']
+    results, lines = Results(), []
+    for v in verdicts:
+        lines += [f'*{v.question}*', '', f'**{v.verdict.capitalize()}.** {v.sentence(results, scale)}', '']
+    return lines[:-1]
+
+
+def report_text(study: Study, scale: str = 'cpu') -> str:
+    """report.md's text: description, tables, verdicts and the commands that reproduce them."""
     folder = results_root() / study.name / scale
     rows = summarize(study, scale)
     if not rows:
         raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r} in {folder}')
-    text = (f'# {study.name} ({scale})\n\n{study.description}\n\n{markdown_table(study, rows)}\n\n'
-            f'Reproduce: `python -m experiments run {study.name} --seeds '
-            f'{" ".join(map(str, sorted({s for r in rows for s in r["seeds"]})))}`; '
-            f'this file: `python -m experiments report {study.name}`.\n')
-    paths = {'report': str(folder / 'report.md')}
-    atomic_write_bytes(text.encode(), paths['report'])
-    atomic_write_bytes(json.dumps(rows, indent=1).encode(), str(folder / 'report.json'))
-    paths['curves'] = str(folder / 'curves.png')
+    parts = [f'# {study.name} ({scale})', study.description, markdown_table(study, rows)]
+    if study.name in PIVOTS:
+        parts.append(_pivot(study, rows, PIVOTS[study.name]))
+    if study.name in CONTROLS:
+        source, configs = CONTROLS[study.name]
+        control = [dict(r, source=f'{source}/') for r in summarize(study, scale, source, configs)]
+        parts += [f'The controls: {source}\'s runs of the same trunk, data, steps and seeds.',
+                  markdown_table(study, control)]
+    parts += ['## Verdict', '\n'.join(_verdict_lines(study, scale))]
+    seeds = ' '.join(map(str, sorted({s for r in rows for s in r['seeds']})))
+    flag = '' if scale == 'cpu' else f' --scale {scale}'
+    run = f'python -m experiments run {study.name} --seeds {seeds}{_run_flags(study, scale)} --jobs 2 --threads 1'
+    commands = [run,
+                f'python -m experiments report {study.name}{flag}']
+    if (folder / 'sharing.md').is_file():
+        commands.append(f'python -m experiments.task_report {study.name}{flag}')
+    parts += ['## Reproduce', '\n'.join(f'    {c}' for c in commands)]
+    figures = [f'[{n}]({n})' for n in ('sharing.md', 'curves.png', 'mixtures.png') if (folder / n).is_file()]
+    if figures:
+        parts.append('Also here: ' + ', '.join(figures) + '.')
+    return '\n\n'.join(parts) + '\n'
+
+
+def write_report(study: Study, scale: str = 'cpu', plots: bool = True) -> Dict[str, str]:
+    """Write `report.md`, `report.json` and (with `plots`) `curves.png` and `mixtures.png` (final alpha averaged
+    over seeds, per soft configuration) into the study's result folder; return their paths."""
+    folder = results_root() / study.name / scale
+    rows = summarize(study, scale)
+    if not rows:
+        raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r} in {folder}')
+    paths = {'report': str(folder / 'report.md'), 'json': str(folder / 'report.json')}
+    if plots:
+        paths.update(_write_plots(study, scale, folder))
+    atomic_write_bytes(report_text(study, scale).encode(), paths['report'])
+    atomic_write_bytes(json.dumps(rows, indent=1).encode(), paths['json'])
+    return paths
+
+
+def _write_plots(study: Study, scale: str, folder) -> Dict[str, str]:
+    paths = {'curves': str(folder / 'curves.png')}
     _plot_curves(study, scale, paths['curves'])
     # Template identities are arbitrary within a seed (any permutation of the bank is the same network), so
     # the mean over seeds blurs a per-seed structure: each seed gets its own figure as well.

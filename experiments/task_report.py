@@ -1,5 +1,5 @@
-"""What the issue-13 studies add to the runner's report: sharing between tasks per layer, loss curves, and
-the label-free choice across alignments, all over seeds.
+"""What the multi-task, transfer, adaptation and routing studies add to the runner's report: sharing between
+tasks per layer, loss curves, and the label-free choice across alignments, all over seeds.
 
     python -m experiments.task_report STUDY [--scale cpu]
 
@@ -32,7 +32,7 @@ from timm_isomix.train.plots import _pyplot, _save, js_divergence, plot_task_mix
 from .runner import STUDIES, finished_runs, results_root
 from . import studies  # noqa: F401  (registers the studies)
 
-__all__ = ['sharing_summary', 'write_task_report']
+__all__ = ['sharing_summary', 'label_free_choice', 'task_report_text', 'write_task_report']
 
 
 def _ms(values: List[float], digits: int = 3) -> str:
@@ -134,20 +134,26 @@ def _transfer_rows(runs: Dict[str, Dict[int, dict]]) -> List[str]:
     return lines
 
 
+def label_free_choice(runs: Dict[str, Dict[int, dict]], condition: str):
+    """Per seed, the `condition-ALIGN` configuration the label-free rule picks across alignments, and its top-1."""
+    configs = {c: rs for c, rs in runs.items() if c.startswith(condition + '-')}
+    seeds = sorted(set.intersection(*[set(rs) for rs in configs.values()])) if configs else []
+    picked, top1 = [], []
+    for s in seeds:
+        names = sorted(configs)
+        i = select_candidate([{'score': configs[c][s]['result']['score'],
+                               'decreased': configs[c][s]['result'].get('decreased', True)} for c in names])
+        picked.append(names[i])
+        top1.append(configs[names[i]][s]['result']['top1'])
+    return picked, top1
+
+
 def _adaptation_rows(runs: Dict[str, Dict[int, dict]]) -> List[str]:
     lines = ['| condition | alignment picked per seed (label-free) | top-1 (mean ± std) | n |', '|---|---|---|---|']
     for condition in ('mixture', 'mixture_adabn'):
-        configs = {c: rs for c, rs in runs.items() if c.startswith(condition + '-')}
-        seeds = sorted(set.intersection(*[set(rs) for rs in configs.values()])) if configs else []
-        picked, top1 = [], []
-        for s in seeds:
-            names = sorted(configs)
-            i = select_candidate([{'score': configs[c][s]['result']['score'],
-                                   'decreased': configs[c][s]['result'].get('decreased', True)} for c in names])
-            picked.append(names[i])
-            top1.append(configs[names[i]][s]['result']['top1'])
-        if seeds:
-            lines.append(f'| {condition} (selected) | {", ".join(picked)} | {_ms(top1, 2)} | {len(seeds)} |')
+        picked, top1 = label_free_choice(runs, condition)
+        if picked:
+            lines.append(f'| {condition} (selected) | {", ".join(picked)} | {_ms(top1, 2)} | {len(picked)} |')
     lines += ['', '| configuration | weights chosen per seed | candidates: weight -> label-free score / top-1 '
               '(seed 0; top-1 read after the choice) |', '|---|---|---|']
     for config, records in runs.items():
@@ -181,51 +187,72 @@ def _curves(runs: Dict[str, Dict[int, dict]], path) -> Optional[str]:
     return _save(fig, path, dpi=110, bbox_inches='tight')
 
 
-def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
-    """Write sharing.md and the figures (module docstring) for a study's finished runs; return their paths."""
-    study = STUDIES[study_name]
-    runs = finished_runs(study.name, scale)
-    if not runs:
-        raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r}')
-    runs = {c: runs[c] for c in study.configs if c in runs}
-    folder = results_root() / study.name / scale
-    lines = [f'# {study.name} ({scale}): sharing, curves, choices\n',
-             '| configuration | between | JS per layer (bits, mean ± std over seeds) | first half | second half | '
-             'seeds with second > first |', '|---|---|---|---|---|---|']
-    for key in ('js_per_layer', 'js_same_data', 'js_cross_data', 'js_data_excess', 'js_sources', 'js_target'):
-        lines += _sharing_rows(runs, key)
-    paths = {}
+def _sections(study, runs: Dict[str, Dict[int, dict]], folder, plots: bool):
+    """The report's lines and the figures it shows (drawn when `plots`): (lines, {name: path})."""
+    rows = [line for key in ('js_per_layer', 'js_same_data', 'js_cross_data', 'js_data_excess', 'js_sources',
+                             'js_target') for line in _sharing_rows(runs, key)]
+    lines, paths = [], {}
+    if rows:
+        lines += ['| configuration | between | JS per layer (bits, mean ± std over seeds) | first half | second half | '
+                  'seeds with second > first |', '|---|---|---|---|---|---|', *rows]
+
+    def figure(key: str, name: str, draw, alt: str) -> None:
+        path = folder / name
+        if (draw() if plots else path.is_file() or None):
+            paths[key] = str(path)
+            lines.append(f'\n![{alt}]({name})')
     for config in ('isomix', 'mixture_adabn-mm', 'source_only', 'route_task_wpl', 'route_input_gumbel'):
-        p = _pair_heatmap(runs, config, folder / f'sharing-pairs-{config}.png')
-        if p:
-            paths[f'pairs-{config}'] = p
-            lines.append(f'\n![{config}](sharing-pairs-{config}.png)')
+        if _task_weights(list(runs.get(config, {}).values())):
+            figure(f'pairs-{config}', f'sharing-pairs-{config}.png',
+                   lambda c=config: _pair_heatmap(runs, c, folder / f'sharing-pairs-{c}.png'), config)
     for config, records in runs.items():  # the sharing controls: both copies' mixtures side by side
         seed = min(records)
         result = records[seed]['result']
-        if 'js_same_data' not in result:
-            continue
-        name = f'mixtures-{config}-seed{seed}.png'
-        paths[f'mixtures-{config}'] = str(plot_task_mixtures(
-            {t: torch.tensor(a) for t, a in result['task_alphas'].items()}, folder / name,
-            f'{study.name} {config}, seed {seed}: alpha per task (layers x templates)'))
-        lines.append(f'\n![{config} mixtures, seed {seed}]({name})')
+        if 'js_same_data' in result:
+            name = f'mixtures-{config}-seed{seed}.png'
+            figure(f'mixtures-{config}', name, lambda r=result, n=name, c=config, s=seed: plot_task_mixtures(
+                {t: torch.tensor(a) for t, a in r['task_alphas'].items()}, folder / n,
+                f'{study.name} {c}, seed {s}: alpha per task (layers x templates)'), f'{config} mixtures, seed {seed}')
     for config in runs:
-        p = _route_heatmap(runs, config, folder / f'routes-{config}.png')
-        if p:
-            paths[f'routes-{config}'] = p
-            lines.append(f'\n![{config} routes](routes-{config}.png)')
+        if runs[config][min(runs[config])]['result'].get('task_routes'):
+            figure(f'routes-{config}', f'routes-{config}.png',
+                   lambda c=config: _route_heatmap(runs, c, folder / f'routes-{c}.png'), f'{config} routes')
     if 'full' in runs:
         lines += ['', *_transfer_rows(runs)]
     if any(r['result'].get('candidates') for rs in runs.values() for r in rs.values()):
         lines += ['', *_adaptation_rows(runs)]
-        p = _curves(runs, folder / 'adaptation-curves.png')
-        if p:
-            paths['curves'] = p
-            lines.append('\n![objective per step](adaptation-curves.png)')
+        figure('curves', 'adaptation-curves.png', lambda: _curves(runs, folder / 'adaptation-curves.png'),
+               'objective per step')
+    return lines, paths
+
+
+def _runs(study_name: str, scale: str):
+    study = STUDIES[study_name]
+    runs = finished_runs(study.name, scale)
+    if not runs:
+        raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r}')
+    return study, {c: runs[c] for c in study.configs if c in runs}, results_root() / study.name / scale
+
+
+def _text(study, scale: str, lines: List[str]) -> str:
+    flag = '' if scale == 'cpu' else f' --scale {scale}'
+    return (f'# {study.name} ({scale}): sharing, curves, choices\n\n' + '\n'.join(lines).strip('\n') +
+            f'\n\nThis file: `python -m experiments.task_report {study.name}{flag}`; the study\'s tables and '
+            f'verdict: [report.md](report.md).\n')
+
+
+def task_report_text(study_name: str, scale: str = 'cpu') -> str:
+    """sharing.md's text from the result files, without drawing (the figures it names as they are on disk)."""
+    study, runs, folder = _runs(study_name, scale)
+    return _text(study, scale, _sections(study, runs, folder, plots=False)[0])
+
+
+def write_task_report(study_name: str, scale: str = 'cpu') -> Dict[str, str]:
+    """Write sharing.md and the figures (module docstring) for a study's finished runs; return their paths."""
+    study, runs, folder = _runs(study_name, scale)
+    lines, paths = _sections(study, runs, folder, plots=True)
     paths['sharing'] = str(folder / 'sharing.md')
-    atomic_write_bytes(('\n'.join(lines) + f'\n\nThis file: `python -m experiments.task_report '
-                        f'{study.name}`.\n').encode(), paths['sharing'])
+    atomic_write_bytes(_text(study, scale, lines).encode(), paths['sharing'])
     return paths
 
 

@@ -1,4 +1,5 @@
-"""Claim (c): unsupervised multi-source domain adaptation, MNIST + USPS (labelled) -> MNIST-M (unlabelled).
+"""Unsupervised multi-source domain adaptation by only manipulating the order of pretrained modules:
+MNIST + USPS (labelled) -> MNIST-M (unlabelled).
 
 Sources: one multi-domain model per seed (trained once, shared by every configuration) with per-domain
 mixtures and statistics and one head, 1 epoch of MNIST's and USPS's full training sets; mixture logits start

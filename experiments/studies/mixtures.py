@@ -3,7 +3,7 @@
 One isometric net (width 64, 8x8 tokens, K = 4 templates, 8 executed layers: reuse 2) on a CIFAR-10
 subset; the configurations differ only in how the logits start (`mixture_init`: the authors' U(0, 1),
 uniform with small noise, soft cyclic (logit 4), sharp cyclic (logit 16)), the mixture learning-rate
-multiplier and the softmax temperature. The defaults are chosen from these numbers (README, Results).
+multiplier and the softmax temperature. The defaults are chosen from these numbers (docs/results.md).
 """
 from ..classify import train_classifier
 from ..runner import Scale, Study, register

@@ -1,4 +1,5 @@
-"""Multi-task claim: one bank with per-task mixtures against controls with per-task normalization statistics.
+"""Competitive multi-task learning with soft weight sharing: one bank with per-task mixtures against controls
+with per-task normalization statistics.
 
 MNIST, USPS, MNIST-M and CIFAR-10 (10 classes each, 32 px, grey digits repeated to RGB) train jointly,
 one batch of every task per step, the same steps for every variant:

@@ -1,4 +1,5 @@
-"""Claim (d): at a fixed parameter count, does running each template more often (reuse) raise accuracy?
+"""Higher accuracy at no parameter increase by reusing the same block several times: at a fixed parameter
+count, does running each template more often (reuse) raise accuracy?
 
 One bank of K = 4 templates (isometric net, width 48, 8x8 tokens) executed K, 2K or 3K times with
 learned mixtures; a hard cyclic order at reuse 2 (reuse without mixing); and the unshared network of
@@ -8,7 +9,7 @@ from ..classify import train_classifier
 from ..runner import Scale, Study, register
 
 K = 4
-# The mixture start and learning-rate multiplier the mixture-dynamics study chose (README, Results).
+# The mixture start and learning-rate multiplier the mixture-dynamics study chose (docs/results.md).
 MIXTURE = dict(mixture_init='random')
 MIXTURE_LR_MULT = 10.
 
@@ -28,7 +29,8 @@ def _configs(data: str):
 for data, classes in (('miniimagenet32', 100), ('cifar10', 10)):
     register(Study(
         name=f'reuse-{data}',
-        description=f'Claim (d) on {data} ({classes} classes; 15k training images, 4 epochs): reuse 1, 2, 3 of '
+        description=f'Reusing the same block several times at no parameter increase, on {data} ({classes} '
+                    f'classes; 15k training images, 4 epochs): reuse 1, 2, 3 of '
                     f'K={K} templates at equal parameters, a hard cyclic order, and the unshared depth-{2 * K} net.',
         configs=_configs(data),
         run=train_classifier,

@@ -1,4 +1,5 @@
-"""Claim (b): a new task learned by re-ordering existing modules, with controls for the statistics.
+"""Reusing existing modules for a new task by adjusting the computation order: a new task learned as a new
+mixture over a trained bank, with controls for the statistics.
 
 A bank is trained on some tasks (once per seed, shared by every configuration); a held-out task is then
 added and trained in one transfer mode of `timm_isomix.tasks.transfer.TRANSFER_MODES`, all modes for the
@@ -75,7 +76,8 @@ def _configs(sources, held, init_from, transfer_epochs, modes, pretrain_epochs, 
 
 register(Study(
     name='transfer-mnistm',
-    description='Claim (b), digits: MNIST-M learned over a bank trained on MNIST, USPS and CIFAR-10 (400 joint '
+    description='A new task over existing modules, digits: MNIST-M learned over a bank trained on MNIST, USPS '
+                'and CIFAR-10 (400 joint '
                 'steps of 64 images per task from their full training sets), in each transfer mode for 10 epochs of MNIST-M\'s 6,001 training '
                 'images (carved from its official test split).',
     configs=_configs(DIGITS, MNISTM, 'mnist', 10, list(TRANSFER_MODES), 1, pretrain_steps=400),
@@ -86,7 +88,8 @@ register(Study(
 
 register(Study(
     name='transfer-cifar10',
-    description='Claim (b), natural images: CIFAR-10 learned over a bank trained on five 20-class mini-ImageNet '
+    description='A new task over existing modules, natural images: CIFAR-10 learned over a bank trained on five '
+                '20-class mini-ImageNet '
                 'tasks (2 epochs of their 10,000 images each), in each transfer mode for 1 epoch of '
                 'CIFAR-10\'s 50,000 training images (a new head: no statistics-only mode).',
     configs=_configs('miniimagenet', CIFAR10, 'mini0', 1, [m for m in TRANSFER_MODES if m != 'stats'], 2),

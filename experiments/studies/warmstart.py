@@ -1,4 +1,5 @@
-"""Claim (d) on the staged family: a deeper network warm-started from a trained ResNet.
+"""Reusing the same block several times in an existing architecture: a deeper staged network warm-started
+from a trained ResNet.
 
 timm's resnet26 is trained once on a miniimagenet32 subset (seed 0): the one pretrained checkpoint a user
 starts from. Then, per seed (the fine-tuning's data order), for the same number of fine-tuning epochs and

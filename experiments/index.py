@@ -1,0 +1,267 @@
+"""The results index and the generated parts of README and docs, from the result files and the tree.
+
+    python -m experiments.index            # write docs/results.md, refresh every generated block
+    python -m experiments.index --check    # exit 1, naming them, when any is out of date
+
+docs/results.md is generated whole: per claim, each study scale's question, verdict and finding
+(`verdicts.py`) and a link to its report; study scales with fewer than 3 seeds per configuration are listed
+as in progress. In README.md and docs/*.md a generated block is
+
+    <!-- generated: KIND -->
+    ...
+    <!-- end generated -->
+
+whose body is `BLOCKS[KIND]` of the page's folder: the model table, the claims table, the shipped weights'
+results, the routing benchmark, timm's train.py run, the main job's output, the layout tree. No number in a
+results table is typed by hand: tests/test_docs.py checks every block, and that every table of numbers is one.
+"""
+import argparse
+import ast
+import csv
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .runner import REPO_ROOT, STUDIES, finished_runs, results_root
+from .verdicts import CLAIMS, Results, verdicts_of
+from . import studies  # noqa: F401  (registers the studies)
+
+__all__ = ['BLOCKS', 'study_scales', 'results_index', 'refresh', 'out_of_date', 'main']
+
+MIN_SEEDS = 3
+BLOCK = re.compile(r'(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)', re.S)
+DOCS = REPO_ROOT / 'docs'
+LINKED = REPO_ROOT / 'experiments' / 'results'  # where the links point: the committed result files
+
+
+def _link(target: Path, base: Path) -> str:
+    return Path(os.path.relpath(target, base)).as_posix()
+
+
+def study_scales() -> List[tuple]:
+    """(study, scale, complete) for every scale folder holding result files; complete: >= 3 seeds per configuration."""
+    out = []
+    for name in STUDIES:
+        folder = results_root() / name
+        for scale in sorted(d.name for d in folder.glob('*') if d.is_dir()) if folder.is_dir() else []:
+            runs = finished_runs(name, scale)
+            if runs:
+                out.append((name, scale, all(len(seeds) >= MIN_SEEDS for seeds in runs.values())))
+    return out
+
+
+def _report(study: str, scale: str, base: Path) -> str:
+    label = study if scale == 'cpu' else f'{study} ({scale})'
+    return f'[{label}]({_link(LINKED / study / scale / "report.md", base)})'
+
+
+def claims_table(base: Path) -> str:
+    """README's claims table: each claim in the papers' words, its verdict, the reports that back it."""
+    lines = ['| claim | verdict | reports |', '|---|---|---|']
+    backing = {key: [] for key in CLAIMS}
+    for study, scale, complete in study_scales():
+        for v in verdicts_of(study, scale) if complete else []:
+            backing[v.claim].append((study, scale, v.verdict))
+    for key, words in CLAIMS.items():
+        found = backing[key]
+        verdicts = {v for _, _, v in found}
+        verdict = verdicts.pop() if len(verdicts) == 1 else '; '.join(
+            f'{v} ({s}{"" if c == "cpu" else ", " + c})' for s, c, v in found)
+        lines.append(f'| {words} | {verdict} | {", ".join(_report(s, c, base) for s, c, _ in found)} |')
+    return '\n'.join(lines)
+
+
+_INTRO = '''# Results
+
+Every number below and in the reports comes from the result files under `experiments/results/<study>/<scale>/`
+(one JSON per configuration and seed: the configuration, versions, wall time, per-epoch history and result),
+written by the study runner. A study's report holds its tables, its verdicts and the commands that reproduce it;
+this page is generated from the same files (`python -m experiments.index`).
+
+    python -m experiments run STUDY --seeds 0 1 2 --jobs 2 --threads 1   # resumes; finished runs are skipped
+    python -m experiments report STUDY                                   # report.md, report.json, curves.png
+    python -m experiments.task_report STUDY                              # sharing.md (multi-task, transfer,
+                                                                         # adaptation and routing studies)
+
+The default scale (`cpu`) of each study is sized for a CPU: one torch thread per run, two runs at a time, so the
+training times are wall-clock under load. `--epochs`, `--train-limit all`, `--val-limit all`, `--batch-size` and
+`--width-mult` scale a study up; such runs are stored under their own scale name, never mixed with the default
+ones. The last-epoch validation top-1 is reported; nothing is selected on validation data. A verdict is one of
+supported, not shown at this scale, or contradicted, and holds for the scale it was measured at.
+
+Other measurements: the main job's output ([training](training.md#main-job)), speed and memory against timm's
+models ([performance](performance.md)), the routed layers' cost ([Routing Networks](routing.md)), tasks as
+adapters ([adapters](adapters.md)), and the studies on a GPU ([running at scale](scale.md)).
+'''
+
+
+def results_index(base: Path = DOCS) -> str:
+    """docs/results.md: the claims table, then per claim each backing study scale's question, verdict, finding."""
+    results, scales = Results(), study_scales()
+    parts = [_INTRO, '## Claims', claims_table(base)]
+    for key, words in CLAIMS.items():
+        entries = []
+        for study, scale, complete in scales:
+            for v in verdicts_of(study, scale) if complete else []:
+                if v.claim == key:
+                    entries.append(f'- {_report(study, scale, base)}: *{v.question}* '
+                                   f'**{v.verdict.capitalize()}.** {v.sentence(results, scale)}')
+        if entries:
+            parts += [f'## {words[0].upper()}{words[1:]}', '\n'.join(entries)]
+    waiting = [(s, c, complete) for s, c, complete in scales if not complete or not verdicts_of(s, c)]
+    if waiting:
+        lines = []
+        for study, scale, complete in waiting:
+            folder = _link(LINKED / study / scale, base)
+            state = 'in progress: fewer than 3 seeds per configuration' if not complete else \
+                'complete; no verdict recorded yet (`experiments/verdicts.py`)'
+            lines.append(f'- `{study}` at scale `{scale}`: {state} ([result files]({folder}/)).')
+        parts += ['## In progress', '\n'.join(lines)]
+    return '\n\n'.join(parts) + '\n'
+
+
+def _weights(base: Path) -> str:
+    lines = ['| tag | val images | top-1 | top-5 | params (M) | recipe | result file |', '|---|---|---|---|---|---|---|']
+    for path in sorted((results_root() / 'weights').glob('*.json')):
+        row = json.loads(path.read_text())[0]
+        model, dataset = row['model'].split('.', 1)
+        recipe = REPO_ROOT / 'hparams' / f'{model}_{dataset}.yaml'
+        epochs = re.search(r'^epochs:\s*(\d+)', recipe.read_text(), re.M).group(1)
+        lines.append(f'| `{row["model"]}` | {row["samples"]:,} | {row["top1"]:.2f} | {row["top5"]:.2f} | '
+                     f'{row["param_count"]:.2f} | [`{recipe.name}`]({_link(recipe, base)}), {epochs} epochs | '
+                     f'[`{path.name}`]({_link(LINKED / "weights" / path.name, base)}) |')
+    return '\n'.join(lines)
+
+
+def _routing_bench(base: Path) -> str:
+    path = results_root() / 'routing-bench-cpu.json'
+    data = json.loads(path.read_text())
+    target = data['target_ratio']
+    lines = [f'`{data["command"]}` (batch {data["batch"]}, {data["img_size"]} px, {data["reps"]} repetitions, '
+             f'{data["machine"]["threads"]} thread; [`{path.name}`]({_link(LINKED / path.name, base)})):', '',
+             f'| case | plain (ms) | routed (ms) | routed / plain | <= {target} |', '|---|---|---|---|---|']
+    for case, r in data['results'].items():
+        lines.append(f'| `{case}` | {r["plain_ms"]:.1f} | {r["routed_ms"]:.1f} | {r["ratio"]:.3f} | '
+                     f'{"yes" if data["targets_met"][case] else "no"} |')
+    return '\n'.join(lines)
+
+
+def _timm_train_py(base: Path) -> str:
+    path = results_root() / 'timm-train-py' / 'usps-50-per-class-summary.csv'
+    lines = [f'[`{path.name}`]({_link(LINKED / "timm-train-py" / path.name, base)}), timm\'s summary.csv:', '',
+             '| epoch | train loss | val loss | val top-1 | val top-5 |', '|---|---|---|---|---|']
+    with open(path, newline='') as f:
+        for row in csv.DictReader(f):
+            lines.append(f'| {int(row["epoch"]) + 1} | {float(row["train_loss"]):.3f} | {float(row["eval_loss"]):.3f} | '
+                         f'{float(row["eval_top1"]):.1f} | {float(row["eval_top5"]):.1f} |')
+    return '\n'.join(lines)
+
+
+def _main_job(base: Path) -> str:
+    path = results_root() / 'main-job' / 'output.txt'
+    return '\n'.join(f'    {line}' for line in path.read_text().strip().splitlines())
+
+
+def _models(base: Path) -> str:
+    from timm_isomix.tools.summary import model_table
+    return model_table()
+
+
+def _summary(path: Path) -> str:
+    """The first sentence of a module's docstring."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ''
+    first = ' '.join(doc.split('\n\n')[0].split())
+    return re.split(r'(?<=\.)\s', first, maxsplit=1)[0]
+
+
+_TOP = {'README.md': 'what the library is, install, use, models, claims', 'docs/': 'one page per topic',
+        'timm_isomix/': None, 'experiments/': None, 'tests/': 'the specification: pytest -q',
+        'hparams/': 'YAML recipes for train.py (`-c`, `--tasks`)', 'train.py': 'thin entry point: timm\'s flags',
+        'validate.py': 'thin entry point: timm\'s flags', 'main_job.sh': 'set up, train and validate two models',
+        'pyproject.toml': 'the package: lower bounds, extras', 'constraints.txt': 'the exact versions tested',
+        '.ci/run': 'CI: a fresh venv, the tested versions, pytest'}
+
+
+def _tree(folder: Path, depth: int) -> List[str]:
+    lines = []
+    for path in sorted(folder.iterdir(), key=lambda p: (p.is_dir(), p.name)):
+        indent = '  ' * depth
+        if path.suffix == '.py' and path.name != '__init__.py':
+            lines.append(f'{indent}- `{path.name}`: {_summary(path)}')
+        elif path.is_dir() and (path / '__init__.py').is_file():
+            lines.append(f'{indent}- `{path.name}/`: {_summary(path / "__init__.py")}')
+            lines += _tree(path, depth + 1)
+        elif path.is_dir() and path.name == 'weights':
+            lines.append(f'{indent}- `weights/`: the shipped weights of the published tags (package data)')
+        elif path.is_dir() and path.name == 'results':
+            lines.append(f'{indent}- `results/`: the result files, one folder per study and scale, and the reports')
+    return lines
+
+
+def _layout(base: Path) -> str:
+    lines = []
+    for name, what in _TOP.items():
+        if not (REPO_ROOT / name).exists():
+            continue
+        if name in ('timm_isomix/', 'experiments/'):
+            lines.append(f'- `{name}`: {_summary(REPO_ROOT / name / "__init__.py")}')
+            lines += _tree(REPO_ROOT / name, 1)
+        else:
+            lines.append(f'- `{name}`: {what}')
+    return '\n'.join(lines)
+
+
+BLOCKS: Dict[str, Callable[[Path], str]] = {
+    'models': _models, 'claims': claims_table, 'weights': _weights, 'routing-bench': _routing_bench,
+    'timm-train-py': _timm_train_py, 'main-job': _main_job, 'layout': _layout,
+}
+
+
+def refresh(text: str, base: Path) -> str:
+    """`text` with every generated block's body made again (links relative to `base`, the page's folder)."""
+    def body(m: re.Match) -> str:
+        if m.group(2) not in BLOCKS:
+            raise KeyError(f'unknown generated block {m.group(2)!r}; kinds: {", ".join(BLOCKS)}')
+        return m.group(1) + BLOCKS[m.group(2)](base).rstrip('\n') + '\n' + m.group(4)
+    return BLOCK.sub(body, text)
+
+
+def pages() -> List[Path]:
+    return [REPO_ROOT / 'README.md', *sorted(p for p in DOCS.glob('*.md') if p.name != 'results.md')]
+
+
+def out_of_date() -> List[str]:
+    """The pages whose generated text differs from what the result files and the tree give now."""
+    stale = [str(p.relative_to(REPO_ROOT)) for p in pages() if refresh(p.read_text(), p.parent) != p.read_text()]
+    index = DOCS / 'results.md'
+    if not index.is_file() or index.read_text() != results_index():
+        stale.append('docs/results.md')
+    return stale
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m experiments.index', description=__doc__.splitlines()[0])
+    p.add_argument('--check', action='store_true', help='write nothing; exit 1 when a page is out of date')
+    args = p.parse_args(argv)
+    if args.check:
+        stale = out_of_date()
+        for name in stale:
+            print(f'out of date: {name} (python -m experiments.index)', file=sys.stderr)
+        return 1 if stale else 0
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / 'results.md').write_text(results_index())
+    for page in pages():
+        text = page.read_text()
+        new = refresh(text, page.parent)
+        if new != text:
+            page.write_text(new)
+            print(f'refreshed {page.relative_to(REPO_ROOT)}')
+    print('wrote docs/results.md')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
