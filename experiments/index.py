@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .runner import REPO_ROOT, STUDIES, finished_runs, results_root
-from .verdicts import CLAIMS, Results, verdicts_of
+from .verdicts import CLAIMS, VERDICTS, Results, verdicts_of
 from . import studies  # noqa: F401  (registers the studies)
 
 __all__ = ['BLOCKS', 'study_scales', 'results_index', 'refresh', 'out_of_date', 'main']
@@ -44,7 +44,8 @@ def _link(target: Path, base: Path) -> str:
 def study_scales() -> List[tuple]:
     """(study, scale, complete) for every scale folder holding result files; complete: >= 3 seeds per configuration."""
     out = []
-    for name in STUDIES:
+    # the verdicts' order (the papers' claims), then any other study: the same order whatever registers first
+    for name in [*(s for s in VERDICTS if s in STUDIES), *sorted(set(STUDIES) - set(VERDICTS))]:
         folder = results_root() / name
         for scale in sorted(d.name for d in folder.glob('*') if d.is_dir()) if folder.is_dir() else []:
             runs = finished_runs(name, scale)
@@ -174,6 +175,7 @@ def _summary(path: Path) -> str:
     """The first sentence of a module's docstring."""
     doc = ast.get_docstring(ast.parse(path.read_text())) or ''
     first = ' '.join(doc.split('\n\n')[0].split())
+    first = re.sub(r' \(issues? [\d, ]+\)', '', first)  # the tree says what a module is, not where it came from
     return re.split(r'(?<=\.)\s', first, maxsplit=1)[0]
 
 
