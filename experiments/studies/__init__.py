@@ -1,3 +1,3 @@
 """The registered studies: one module per question."""
 from . import (  # noqa: F401
-    domain_adaptation, mixtures, multitask_learning, reuse, routing_networks, sharing, task_transfer, warmstart)
+    adapters_vs_lora, domain_adaptation, mixtures, multitask_learning, reuse, routing_networks, sharing, task_transfer, warmstart)
