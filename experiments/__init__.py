@@ -1,12 +1,13 @@
-"""The research workspace's study runner (run from the checkout's root): `python -m experiments run STUDY --seeds 0 1 2`, `report STUDY`, `list`.
+"""The research workspace's study runner (run from the checkout's root): `python -m experiments run STUDY --seeds 0 1 2`, `report STUDY`, `list`, `index`.
 
 A *study* is a named set of *configurations* (plain dicts) and one function that trains and measures one
 configuration for one seed. Each (study, configuration, seed) run is stored as one JSON file,
 `experiments/results/<study>/<scale>/<configuration>/seed<k>.json`, holding the full configuration, the
 scale it ran at, package versions, wall time, the per-epoch history and the result. Finished runs are
 skipped; an interrupted run resumes from its last epoch (its state lives under `output/experiments/`),
-so a study can be completed over several invocations. `report` turns the result files into the markdown
-tables (mean +- std over seeds, and n) and plots that README includes.
+so a study can be completed over several invocations. `report` turns the result files into the study's report
+(its tables: mean +- std over seeds, and n; its verdicts, `verdicts.py`; the commands that reproduce it) and plots;
+`index` writes the results index, docs/results.md, and the generated tables of README and docs.
 
 Defining a study (a module under `studies/`, imported by `studies/__init__.py`):
 

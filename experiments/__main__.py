@@ -1,4 +1,4 @@
-"""`python -m experiments {run,report,list}`: see the package docstring."""
+"""`python -m experiments {run,report,list,index}`: see the package docstring."""
 import argparse
 import dataclasses
 import json
@@ -53,7 +53,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     rep.add_argument('--json', action='store_true', help='print the per-configuration summary as JSON instead')
     rep.add_argument('--preset', default=None, help="the runs of a named scale (the same as --scale NAME)")
     sub.add_parser('list', help='each study, its configurations and finished seeds')
+    index = sub.add_parser('index', help='write docs/results.md and the generated tables of README and docs')
+    index.add_argument('--check', action='store_true', help='write nothing; exit 1 when a page is out of date')
     args = p.parse_args(argv)
+
+    if args.command == 'index':
+        from .index import main as index_main
+        return index_main(['--check'] if args.check else [])
 
     if args.command == 'list':
         for name, study in sorted(STUDIES.items()):

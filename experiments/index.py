@@ -1,7 +1,7 @@
 """The results index and the generated parts of README and docs, from the result files and the tree.
 
-    python -m experiments.index            # write docs/results.md, refresh every generated block
-    python -m experiments.index --check    # exit 1, naming them, when any is out of date
+    python -m experiments index            # write docs/results.md, refresh every generated block
+    python -m experiments index --check    # exit 1, naming them, when any is out of date
 
 docs/results.md is generated whole: per claim, each study scale's question, verdict and finding
 (`verdicts.py`) and a link to its report; study scales with fewer than 3 seeds per configuration are listed
@@ -80,7 +80,7 @@ _INTRO = '''# Results
 Every number below and in the reports comes from the result files under `experiments/results/<study>/<scale>/`
 (one JSON per configuration and seed: the configuration, versions, wall time, per-epoch history and result),
 written by the study runner. A study's report holds its tables, its verdicts and the commands that reproduce it;
-this page is generated from the same files (`python -m experiments.index`).
+this page is generated from the same files (`python -m experiments index`).
 
     python -m experiments run STUDY --seeds 0 1 2 --jobs 2 --threads 1   # resumes; finished runs are skipped
     python -m experiments report STUDY                                   # report.md, report.json, curves.png
@@ -245,13 +245,13 @@ def out_of_date() -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m experiments.index', description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog='python -m experiments index', description=__doc__.splitlines()[0])
     p.add_argument('--check', action='store_true', help='write nothing; exit 1 when a page is out of date')
     args = p.parse_args(argv)
     if args.check:
         stale = out_of_date()
         for name in stale:
-            print(f'out of date: {name} (python -m experiments.index)', file=sys.stderr)
+            print(f'out of date: {name} (python -m experiments index)', file=sys.stderr)
         return 1 if stale else 0
     DOCS.mkdir(exist_ok=True)
     (DOCS / 'results.md').write_text(results_index())

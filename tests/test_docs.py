@@ -35,7 +35,7 @@ def _tables(text: str):
 
 
 def test_every_generated_block_and_the_results_index_agree_with_the_result_files():
-    assert index.out_of_date() == [], 'run: python -m experiments.index'
+    assert index.out_of_date() == [], 'run: python -m experiments index'
 
 
 @pytest.mark.parametrize('page', [p for p in PAGES if p.name != 'results.md'], ids=lambda p: p.name)
