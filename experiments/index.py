@@ -125,7 +125,7 @@ def results_index(base: Path = DOCS) -> str:
 
 
 def _weights(base: Path) -> str:
-    lines = ['| tag | val images | top-1 | top-5 | params (M) | recipe | result file |', '|---|---|---|---|---|---|---|']
+    lines = ['| tag | val images | top-1 | top-5 | params (M) | recipe | result file |', '|' + '---|' * 7]
     for path in sorted((results_root() / 'weights').glob('*.json')):
         row = json.loads(path.read_text())[0]
         model, dataset = row['model'].split('.', 1)
@@ -156,8 +156,8 @@ def _timm_train_py(base: Path) -> str:
              '| epoch | train loss | val loss | val top-1 | val top-5 |', '|---|---|---|---|---|']
     with open(path, newline='') as f:
         for row in csv.DictReader(f):
-            lines.append(f'| {int(row["epoch"]) + 1} | {float(row["train_loss"]):.3f} | {float(row["eval_loss"]):.3f} | '
-                         f'{float(row["eval_top1"]):.1f} | {float(row["eval_top5"]):.1f} |')
+            lines.append(f'| {int(row["epoch"]) + 1} | {float(row["train_loss"]):.3f} | '
+                         f'{float(row["eval_loss"]):.3f} | {float(row["eval_top1"]):.1f} | {float(row["eval_top5"]):.1f} |')
     return '\n'.join(lines)
 
 

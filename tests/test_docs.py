@@ -115,8 +115,8 @@ def test_the_layout_page_lists_every_module_of_the_library_and_the_workspace():
         depth, name = (len(line) - len(line.lstrip())) // 2, re.match(r'\s*- `([^`]+)`', line).group(1)
         stack[depth:] = [name]
         listed.add(''.join(stack))
-    modules = {str(p.relative_to(ROOT)) for folder in ('timm_isomix', 'experiments') for p in (ROOT / folder).rglob('*.py')
-               if p.name != '__init__.py' and 'results' not in p.parts}
+    modules = {str(p.relative_to(ROOT)) for folder in ('timm_isomix', 'experiments')
+               for p in (ROOT / folder).rglob('*.py') if p.name != '__init__.py' and 'results' not in p.parts}
     assert modules - listed == set()
     assert [p for p in listed if not (ROOT / p).exists()] == []
 
