@@ -333,10 +333,8 @@ class MultiTaskIsoMix(nn.Module):
         return out
 
     def alphas(self) -> Dict[str, torch.Tensor]:
-        """Mixture weights (L, K) per task (staged backbones: the banks' rows, each padded with 0 to the largest K)."""
-        k = max(b.num_templates for b in self.banks())
-        return {name: torch.cat([F.pad(s.mixture.alpha().detach(), (0, k - s.mixture.num_templates))
-                                 for s in path.schedules], 0) for name, path in self.tasks.items()}
+        """Mixture weights (L, K) per task (banks of several K: each row padded with 0 to the largest)."""
+        return {name: path.alpha().detach() for name, path in self.tasks.items()}
 
     def used_parameters(self, task: Optional[str] = None) -> List[nn.Parameter]:
         """The distinct parameters `task`'s forward uses (None: any task's): stem, blocks, banks, its path."""

@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..bank import INIT_LOGIT, SHARP_LOGIT, Mixture, Schedule, TemplateBank, cyclic_order, order_logits
 from .task_norms import BlockNorms
@@ -67,8 +68,9 @@ class TaskPath(nn.Module):
         return self.patch_layers is not None
 
     def alpha(self) -> torch.Tensor:
-        """Mixture weights (L, K) of all the layers this task runs (banks of one K; else see `alphas`)."""
-        return torch.cat([s.mixture.alpha() for s in self.schedules], 0)
+        """Mixture weights (L, K) of all the layers this task runs (banks of several K: each row padded with 0)."""
+        k = max(s.mixture.num_templates for s in self.schedules)
+        return torch.cat([F.pad(s.mixture.alpha(), (0, k - s.mixture.num_templates)) for s in self.schedules], 0)
 
     def mixture_logits(self, shared: Optional[Mixture] = None) -> List[nn.Parameter]:
         """The logits of this path's mixtures, except `shared` (the model's shared mixture)."""
