@@ -12,7 +12,7 @@ import sys
 
 from timm.utils import setup_default_logging
 
-from timm_isomix.train.config import ConfigError, parse_train_args
+from timm_isomix.train.config import ConfigError, command_line_flags, parse_train_args
 
 
 def main(argv=None) -> int:
@@ -22,11 +22,10 @@ def main(argv=None) -> int:
         args, args_text = parse_train_args(argv)
         if args.tasks:
             from timm_isomix.tasks.train_tasks import config_from_flags, train_tasks
-            try:
-                config = config_from_flags(args)
+            try:  # the task file, its datasets and the model it describes
+                train_tasks(config_from_flags(args, command_line_flags(argv)))
             except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f'--tasks {args.tasks}: {e}') from None
-            train_tasks(config)
+                raise ConfigError(f'--tasks {args.tasks}: {str(e).splitlines()[0]}') from None
             return 0
         from timm_isomix.train.run import train
         out = train(args, args_text)

@@ -18,8 +18,8 @@ def main(argv=None) -> int:
     if not logging.getLogger().handlers:  # called again in one process (tests), keep the first setup
         setup_default_logging()
     from timm_isomix.train.validation import build_validate_parser, validate_many, write_results
-    args = build_validate_parser().parse_args(argv)
     try:
+        args = build_validate_parser().parse_args(argv)
         results = validate_many(args)
     except ConfigError as e:
         print(f'validate.py: error: {e}', file=sys.stderr)

@@ -5,14 +5,31 @@ import json
 import sys
 from typing import List, Optional
 
+from timm_isomix.train.config import ConfigError, OneLineArgumentParser
 from .report import markdown_table, summarize, write_report
 from .runner import STUDIES, Scale, finished_runs, results_root, run_study
 from . import studies  # noqa: F401  (registers the studies)
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a whole number of at least 1, got {text!r}')
+    return value
+
+
 def _optional_int(text: str):
     """A count, or 'all' (kept as the string so that it overrides the study's default; `_scale` maps it to None)."""
-    return text if text == 'all' else int(text)
+    if text == 'all':
+        return text
+    try:
+        return _count(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of images (at least 1) or 'all', got {text!r}") from None
 
 
 def _scale(study, args) -> Scale:
@@ -27,23 +44,32 @@ def _scale(study, args) -> Scale:
 
 def _study(name: str):
     if name not in STUDIES:
-        raise SystemExit(f'experiments: error: unknown study {name!r}; studies: {", ".join(sorted(STUDIES))}')
+        raise ConfigError(f'unknown study {name!r}; studies: {", ".join(sorted(STUDIES))}')
     return STUDIES[name]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog='python -m experiments', description=__doc__)
+    """The command line; a wrong command, flag, value or name is one line on stderr and exit status 2."""
+    try:
+        return _main(argv)
+    except ConfigError as e:
+        print(f'experiments: error: {e}', file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[List[str]]) -> int:
+    p = OneLineArgumentParser(prog='python -m experiments', description=__doc__)
     sub = p.add_subparsers(dest='command', required=True)
     run = sub.add_parser('run', help='run the unfinished (configuration, seed) pairs of a study')
     run.add_argument('study')
     run.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     run.add_argument('--configs', nargs='+', default=None, help='a subset of the configurations (default: all)')
-    run.add_argument('--jobs', type=int, default=1, help='runs in parallel (subprocesses)')
-    run.add_argument('--threads', type=int, default=None, help='torch threads per run')
-    run.add_argument('--epochs', type=int, default=None)
+    run.add_argument('--jobs', type=_count, default=1, help='runs in parallel (subprocesses)')
+    run.add_argument('--threads', type=_count, default=None, help='torch threads per run')
+    run.add_argument('--epochs', type=_count, default=None)
     run.add_argument('--train-limit', type=_optional_int, default=None, help='training images, or "all"')
     run.add_argument('--val-limit', type=_optional_int, default=None, help='validation images, or "all"')
-    run.add_argument('--batch-size', type=int, default=None)
+    run.add_argument('--batch-size', type=_count, default=None)
     run.add_argument('--width-mult', type=float, default=None)
     run.add_argument('--preset', default=None, help="a named scale of the study (e.g. 'full'); the flags above "
                      "override its fields")
@@ -92,9 +118,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(markdown_table(study, summarize(study, args.scale)))
         print('\n'.join(f'{k}: {v}' for k, v in paths.items()))
         return 0
-    if args.epochs is not None and args.epochs < 1:
-        print(f'experiments: error: --epochs must be at least 1, got {args.epochs}', file=sys.stderr)
-        return 2
     try:
         failed = run_study(study, args.seeds, _scale(study, args), args.configs, args.jobs, args.threads,
                            preset=args.preset)

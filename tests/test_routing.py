@@ -529,10 +529,10 @@ def test_a_routed_task_config_refuses_the_mixture_models_options(bad):
         build_task_model({**cfg, 'model_kwargs': TASK_TRUNK, 'router_lr': 0.1})
 
 
-def test_task_files_routing_keys_build_a_routed_model_and_flags_fill_what_the_file_leaves_out(tmp_path):
+def test_task_files_routing_keys_build_a_routed_model_and_command_line_flags_override_the_file(tmp_path):
     from timm_isomix.tasks.train_tasks import build_task_model, config_from_flags
     from timm_isomix.models.routed_multitask import RoutedMultiTask
-    from timm_isomix.train.config import parse_train_args
+    from timm_isomix.train.config import command_line_flags, parse_train_args
     plain = tmp_path / 'plain.yaml'
     plain.write_text('model_kwargs: {width: 16, depth: 4, num_templates: 2}\n'
                      'tasks: [{name: a, data: x, classes: 3}, {name: b, data: x, classes: 2}]\n')
@@ -546,10 +546,13 @@ def test_task_files_routing_keys_build_a_routed_model_and_flags_fill_what_the_fi
     routed_file = tmp_path / 'routed.yaml'
     routing = 'num_templates: 2, routing: task, router: wpl, router_args: {collab: 0.1}'
     routed_file.write_text(plain.read_text().replace('num_templates: 2', routing) + 'router_lr: 0.2\n')
-    config = config_from_flags(parse_train_args(['--tasks', str(routed_file)] + flags)[0])  # the file's keys win
-    assert config.router_lr == 0.2
-    assert (config.model_kwargs['routing'], config.model_kwargs['router']) == ('task', 'wpl')
+    argv = ['--tasks', str(routed_file)] + flags
+    config = config_from_flags(parse_train_args(argv)[0], command_line_flags(argv))  # as with -c: the flags win
+    assert config.router_lr == 0.05
+    assert (config.model_kwargs['routing'], config.model_kwargs['router']) == ('input', 'gumbel')
     assert config.model_kwargs['router_args'] == {'tau': 2.0, 'collab': 0.1}
+    config = config_from_flags(parse_train_args(['--tasks', str(routed_file)])[0], set())  # the file over defaults
+    assert config.router_lr == 0.2 and config.model_kwargs['router'] == 'wpl'
 
 
 def test_the_routing_digits_task_file_builds_a_per_task_wpl_model():

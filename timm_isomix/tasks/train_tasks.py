@@ -3,8 +3,9 @@
     config = read_task_config('hparams/multitask_digits.yaml')   # or MultiTaskConfig(tasks=[...], ...)
     results = train_tasks(config)
 
-`train.py --tasks FILE` translates its flags into the same config (`config_from_flags`): values in the
-task file take precedence, flags fill in what the file leaves out.
+`train.py --tasks FILE` translates its flags into the same config (`config_from_flags`) by timm's rule for
+`-c`: a flag given on the command line overrides the task file, the task file overrides the flags' defaults
+(and the values of a `-c` file, which set those defaults), and a flag's default fills in what the file leaves out.
 
 Routing Networks: `model_kwargs` with `routing` ('task' or 'input'; with `router` and `router_args`, or train.py's
 `--routing --router --router-*` flags) makes the model a `RoutedMultiTask` (models/routed_multitask.py): one routed trunk,
@@ -16,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union, get_args, get_origin, get_type_hints
 
 import timm
 import torch
@@ -25,6 +26,7 @@ from timm.utils import get_outdir, update_summary
 
 from ..models.isometric import IsoMixNet
 from ..models.multitask import MultiTaskIsoMix
+from ..train.config import yaml_problem
 from ..train.datasets import prepare_dataset
 from ..train.distributed import finish_distributed, setup_distributed
 from ..train.files import atomic_save, atomic_write_bytes
@@ -105,6 +107,31 @@ _FIELDS = {f.name for f in dataclasses.fields(MultiTaskConfig)}
 _TASK_FIELDS = {f.name for f in dataclasses.fields(TaskSpec)}
 
 
+_TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'a boolean', dict: 'a mapping',
+               list: 'a list', type(None): 'null'}
+
+
+def _typed(where: str, key: str, value: Any, hint: Any) -> Any:
+    """`value` as a field of type `hint` takes it (a number written as a string converted, as train.py reads
+    YAML); ValueError naming the key and the type otherwise."""
+    kinds = [get_origin(k) or k for k in (get_args(hint) if get_origin(hint) is Union else (hint,))]
+    for kind in kinds:
+        if kind is type(None) and value is None or kind in (bool, str, dict, list) and isinstance(value, kind):
+            return value
+        if kind in (int, float) and not isinstance(value, bool):
+            if isinstance(value, kind) or kind is float and isinstance(value, int):
+                return value
+            if kind is int and isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+    expected = ' or '.join(_TYPE_NAMES.get(k, getattr(k, '__name__', str(k))) for k in kinds)
+    raise ValueError(f'{where}: {key!r} must be {expected}, got {value!r}')
+
+
 def _config_from_dict(cfg: Dict[str, Any], where: str) -> MultiTaskConfig:
     if not isinstance(cfg, dict):
         raise ValueError(f'{where}: expected a mapping of settings, got {type(cfg).__name__}')
@@ -125,52 +152,77 @@ def _config_from_dict(cfg: Dict[str, Any], where: str) -> MultiTaskConfig:
             raise ValueError(f'{where}: task {t["name"]!r} has unknown keys {extra}; known: {sorted(_TASK_FIELDS)}')
         if not (isinstance(t['classes'], int) or isinstance(t['classes'], list)):
             raise ValueError(f'{where}: task {t["name"]!r}: classes must be a count or a list of names')
-        specs.append(TaskSpec(**{**t, 'data': str(t['data'])}))
+        hints = get_type_hints(TaskSpec)
+        limits = {k: _typed(f'{where}: task {t["name"]!r}', k, t[k], hints[k]) for k in ('train_limit', 'val_limit')
+                  if k in t}
+        specs.append(TaskSpec(**{**t, **limits, 'name': str(t['name']), 'data': str(t['data'])}))
     names = [t.name for t in specs]
     if len(set(names)) != len(names):
         raise ValueError(f'{where}: task names repeat: {names}')
-    values = {k: v for k, v in cfg.items()
-              if v is not None or k in ('share_from', 'init_logit', 'mixture_init', 'device')}
+    hints = get_type_hints(MultiTaskConfig)
+    values = {k: _typed(where, k, v, hints[k]) for k, v in cfg.items() if k != 'tasks' and
+              (v is not None or k in ('share_from', 'init_logit', 'mixture_init', 'device'))}
     return MultiTaskConfig(**{**values, 'tasks': specs, 'model_kwargs': dict(cfg.get('model_kwargs') or {})})
+
+
+def _read_task_file(path: Path) -> Any:
+    """The YAML of a task file, with 'source' (the file's stem) set in a mapping."""
+    if not path.is_file():
+        raise FileNotFoundError(f'task file {path} does not exist')
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f'task file {path} is not valid YAML: {yaml_problem(e)}') from None
+    except (UnicodeDecodeError, PermissionError) as e:
+        raise ValueError(f'cannot read task file {path}: {e}') from None
+    if isinstance(cfg, dict):
+        cfg.setdefault('source', path.stem)
+    return cfg
 
 
 def read_task_config(path: Union[str, Path, Dict[str, Any], MultiTaskConfig]) -> MultiTaskConfig:
     """Read and check a task YAML (or an already-read mapping): `tasks` is a list of {name, data, classes}.
 
-    Raises FileNotFoundError for a missing file and ValueError naming the key that is wrong.
+    Raises FileNotFoundError for a missing file and ValueError for a file that is not YAML or a key that is wrong.
     """
     if isinstance(path, MultiTaskConfig):
         return path
     if isinstance(path, dict):
         return _config_from_dict(path, '<config>')
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'task file {path} does not exist')
-    cfg = yaml.safe_load(path.read_text()) or {}
-    if isinstance(cfg, dict):
-        cfg.setdefault('source', path.stem)
-    return _config_from_dict(cfg, str(path))
+    return _config_from_dict(_read_task_file(Path(path)), str(path))
 
 
-def config_from_flags(args: argparse.Namespace) -> MultiTaskConfig:
-    """train.py --tasks: the task file's values, then train.py's flags where the file says nothing."""
-    config = read_task_config(args.tasks)
-    given = yaml.safe_load(Path(args.tasks).read_text()) if not isinstance(args.tasks, dict) else args.tasks
-    given = given or {}
-    for name in ('model', 'data_dir', 'img_size', 'epochs', 'lr', 'batch_size', 'opt', 'weight_decay', 'mixture_lr_mult',
-                 'router_lr', 'warmup_epochs', 'output', 'experiment', 'device'):
+# train.py's flags that set a MultiTaskConfig field of the same name
+_FLAG_FIELDS = ('model', 'data_dir', 'img_size', 'epochs', 'lr', 'batch_size', 'opt', 'weight_decay',
+                'mixture_lr_mult', 'router_lr', 'warmup_epochs', 'output', 'experiment', 'device', 'seed')
+
+
+def config_from_flags(args: argparse.Namespace, given: Iterable[str] = ()) -> MultiTaskConfig:
+    """train.py --tasks: the task file's config with train.py's flags, by timm's rule for `-c`.
+
+    `given` names the flags (by dest) the command line gave itself (train.config.command_line_flags): those
+    override the file; every other flag's value (its default, or a `-c` file's) only fills in what the file
+    leaves out. Model kwargs follow the same rule per key: `--model-kwargs` and the router flags (folded into
+    `routing`, `router` and `router_args` by train.config.fold_router_args; `router_args` key by key).
+    """
+    given = set(given)
+    if isinstance(args.tasks, dict):
+        in_file, where = args.tasks, '<config>'
+    else:
+        in_file, where = _read_task_file(Path(args.tasks)), str(args.tasks)
+    config = _config_from_dict(in_file, where)
+    for name in _FLAG_FIELDS:
         value = getattr(args, name, None)
-        if given.get(name) is None and value not in (None, ''):
+        if value not in (None, '') and (name in given or in_file.get(name) is None):
             setattr(config, name, value)
-    # --model-kwargs and the router flags (folded into model kwargs by train.config.fold_router_args): per key,
-    # the file's value first; router_args merge key by key the same way.
     for key, value in (getattr(args, 'model_kwargs', None) or {}).items():
-        if key == 'router_args' and isinstance(config.model_kwargs.get(key), dict):
-            config.model_kwargs[key] = {**value, **config.model_kwargs[key]}
-        else:
-            config.model_kwargs.setdefault(key, value)
-    if getattr(args, 'seed', None) is not None:
-        config.seed = int(args.seed)
+        file_value = config.model_kwargs.get(key)
+        if key == 'router_args' and isinstance(file_value, dict):
+            from_command_line = {k: v for k, v in value.items() if f'router_{k}' in given}
+            config.model_kwargs[key] = {**value, **file_value, **from_command_line}
+        elif key not in config.model_kwargs or (key in given if key in ('routing', 'router')
+                                                 else 'model_kwargs' in given):
+            config.model_kwargs[key] = value
     return config
 
 
@@ -295,8 +347,9 @@ def train_tasks(config: Union[MultiTaskConfig, str, Path, Dict[str, Any]]) -> di
 
     def log(metrics):
         if primary:
-            update_summary(metrics['epoch'], {k: v for k, v in metrics.items() if 'train' in k},
-                           {k: v for k, v in metrics.items() if 'train' not in k and k != 'epoch'},
+            trained = {k: v for k, v in metrics.items() if 'train' in k or k == 'time'}  # time: the epoch's seconds
+            update_summary(metrics['epoch'], trained,
+                           {k: v for k, v in metrics.items() if k not in trained and k != 'epoch'},
                            str(out_dir / 'summary.csv'), write_header=metrics['epoch'] == 1)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
 

@@ -12,18 +12,43 @@ would otherwise train another recipe than the one written).
 Flags added for isomix: `--mixture-lr-mult`, `--tasks`, `--overwrite`, and the router group (Routing
 Networks: `--routing`, `--router`, `--router-lr`, `--router-*`), whose model settings become model kwargs
 (`routing`, `router`, `router_args`), so checkpoints rebuild the routed model.
+
+Precedence, as in timm: a flag given on the command line overrides the `-c` file, which overrides the
+flags' defaults (`command_line_flags` tells which flags the command line gave, for `--tasks`, whose task
+file sits between the two). A wrong flag or value is reported on one line (ConfigError, exit status 2)
+rather than with argparse's usage text.
 """
 import argparse
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import yaml
 from timm.utils import ParseKwargs
 
-__all__ = ['ConfigError', 'build_train_parser', 'parse_train_args', 'check_config', 'load_config', 'fold_router_args']
+__all__ = ['ConfigError', 'OneLineArgumentParser', 'KwargsAction', 'build_train_parser', 'parse_train_args',
+           'check_config', 'load_config', 'yaml_problem', 'fold_router_args', 'command_line_flags']
 
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix: reported as one line, exit status 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown flag, a value of the wrong type, a missing argument) raise
+    ConfigError with argparse's message, for the script to print as one line and exit with status 2."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+class KwargsAction(ParseKwargs):
+    """timm's `--model-kwargs key=value ...` (values read as Python literals, else kept as strings), with an
+    item that is not `key=value` reported as a wrong value of the flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if v and '=' not in v]
+        if bad:
+            raise argparse.ArgumentError(self, f'expected key=value items, got {bad[0]!r}')
+        super().__call__(parser, namespace, values, option_string)
 
 
 # Keys of timm's train.py (its main branch, aa4b5850, and older versions' args.yaml) whose feature this
@@ -53,7 +78,7 @@ INERT_KEYS = {
 
 def build_train_parser() -> argparse.ArgumentParser:
     """train.py's parser: timm's train.py flags this trainer supports, plus the isomix ones."""
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         description='Train an isomix (or any timm) model with timm\'s data, optim, scheduler and utils.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML config whose keys set the flags\' defaults')
@@ -107,7 +132,7 @@ def _add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--channels-last', action='store_true', default=False)
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
     g.add_argument('--grad-checkpointing', action='store_true', default=False)
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=KwargsAction)
     g.add_argument('--head-init-scale', default=None, type=float)
     g.add_argument('--head-init-bias', default=None, type=float)
 
@@ -135,7 +160,7 @@ def _add_optimizer_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     g.add_argument('--clip-mode', type=str, default='norm', choices=['norm', 'value', 'agc'])
     g.add_argument('--layer-decay', type=float, default=None)
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=KwargsAction)
     g.add_argument('--mixture-lr-mult', type=float, default=10.0,
                    help='isomix: learning-rate multiplier of the mixture logits (their own group, no weight decay)')
 
@@ -349,15 +374,24 @@ def check_config(cfg: Dict[str, Any], parser: argparse.ArgumentParser, source: s
     return defaults
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, on one line, with the line and column where it found it."""
+    problem = getattr(error, 'problem', None) or str(error).splitlines()[0]
+    mark = getattr(error, 'problem_mark', None)
+    return f'{problem} at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else problem
+
+
 def load_config(path: str) -> Dict[str, Any]:
-    """Read a YAML config file (ConfigError when missing or not YAML)."""
+    """Read a YAML config file (ConfigError when missing, unreadable or not YAML)."""
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f'config file not found: {path}') from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(f'cannot read config file {path}: {e}') from None
     except yaml.YAMLError as e:
-        raise ConfigError(f'config file {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+        raise ConfigError(f'config file {path} is not valid YAML: {yaml_problem(e)}') from None
     return cfg or {}
 
 
@@ -378,8 +412,19 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Nam
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 
+def command_line_flags(argv: Optional[Sequence[str]] = None) -> Set[str]:
+    """The flags (by dest, e.g. 'batch_size') that the command line `argv` (default: sys.argv[1:]) gives
+    itself, not through a -c file or a default. The positional DIR counts as 'data_dir'."""
+    _, remaining = _parse_config_flag(argv)
+    parser = build_train_parser()
+    for action in parser._actions:  # unset flags then stay out of the namespace
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(remaining)))
+    return given | {'data_dir'} if 'data' in given else given
+
+
 def _parse_config_flag(argv: Optional[Sequence[str]]) -> Tuple[str, List[str]]:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineArgumentParser(add_help=False)
     pre.add_argument('-c', '--config', default='', type=str)
     ns, remaining = pre.parse_known_args(argv)
     return ns.config, remaining

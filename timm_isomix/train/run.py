@@ -145,8 +145,11 @@ def _create_model(args: argparse.Namespace, model_args: Dict[str, Any]) -> nn.Mo
         overlay = dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else None
         model = timm.create_model(args.model, pretrained=args.pretrained, pretrained_cfg_overlay=overlay,
                                   checkpoint_path=args.initial_checkpoint or None, **create_kwargs)
-    except TypeError as e:
-        raise ConfigError(f'model {args.model!r} does not accept these arguments: {e}') from None
+    except (TypeError, ValueError) as e:  # an argument the model does not take, or a value it cannot use
+        if isinstance(e, ConfigError):
+            raise
+        given = f' --model-kwargs {args.model_kwargs}' if args.model_kwargs else ' these arguments'
+        raise ConfigError(f'model {args.model!r} cannot be built with{given}: {str(e).splitlines()[0]}') from None
     if args.head_init_scale is not None or args.head_init_bias is not None:
         with torch.no_grad():
             head = model.get_classifier()

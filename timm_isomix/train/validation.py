@@ -23,12 +23,12 @@ import torch.nn as nn
 import timm
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import load_checkpoint
-from timm.utils import ParseKwargs, natural_key
+from timm.utils import natural_key
 
 from .. import models  # noqa: F401  (registers the isomix models)
 from ..models._hub import PretrainedWeightsError
 from .checkpoint import load_checkpoint_file
-from .config import ConfigError
+from .config import ConfigError, KwargsAction, OneLineArgumentParser
 from .loop import evaluate
 from .run import input_chans, input_img_mode
 
@@ -42,7 +42,7 @@ NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
 
 def build_validate_parser() -> argparse.ArgumentParser:
     """validate.py's parser: the flags of timm's validate.py that this script supports."""
-    p = argparse.ArgumentParser(description='Validate an isomix (or any timm) model on an image folder / timm dataset',
+    p = OneLineArgumentParser(description='Validate an isomix (or any timm) model on an image folder / timm dataset',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('data', nargs='?', metavar='DIR', help='path to dataset (deprecated: use --data-dir)')
     p.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
@@ -86,7 +86,7 @@ def build_validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--results-file', default='', type=str, metavar='FILENAME')
     p.add_argument('--results-format', default='csv', type=str, choices=['csv', 'json'],
                    help='format of --results-file (a .json file name implies json)')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=KwargsAction)
     return p
 
 
@@ -124,6 +124,11 @@ def _build(args: argparse.Namespace, model_name: str, checkpoint: str, device: t
             raise
         raise ConfigError(f'{model_name}: cannot load its pretrained weights ({type(e).__name__}: '
                           f'{str(e).splitlines()[0]}); give --checkpoint to validate weights of your own') from None
+    except (TypeError, ValueError) as e:  # the arguments: --model-kwargs, or a checkpoint's model_args
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f'model {model_name!r} cannot be built with {create_kwargs}: {str(e).splitlines()[0]}') \
+            from None
     if ckpt is not None and 'state_dict' in ckpt:
         key = 'state_dict_ema' if args.use_ema else 'state_dict'
         if ckpt.get(key) is None:
