@@ -400,3 +400,81 @@ def test_a_baked_task_exports_to_onnx_and_onnxruntime_computes_the_same(kind, tm
     out = session.run(None, {'x': x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), net(x), rtol=1e-4, atol=1e-5)
+
+
+# --- a new task from the command line -------------------------------------------------------------------------
+def _image_folder(root, classes, per_class=8, size=12):
+    """A tiny ImageFolder whose classes differ by brightness (learnable in a few steps)."""
+    from PIL import Image
+    for split in ('train', 'val'):
+        for i, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for j in range(per_class):
+                value = int(255 * i / max(len(classes) - 1, 1))
+                Image.new('RGB', (size, size), color=(value, (value + 40 * j) % 256, 128)).save(root / split / c / f'{j}.png')
+    return root
+
+
+def _train_with_tasks(tmp_path, monkeypatch, backbone_spec, tasks, name):
+    from helpers import load_script
+    import timm_isomix.tasks.train_adapters as train_adapters
+    held, load = {}, getattr(train_adapters.load_backbone, '__wrapped__', train_adapters.load_backbone)
+
+    def load_and_hold(spec, kwargs):  # the run's backbone, kept to compare after the run
+        held['model'] = load(spec, kwargs)
+        held['before'] = {k: v.clone() for k, v in held['model'].state_dict().items()}
+        return held['model']
+    load_and_hold.__wrapped__ = load
+    monkeypatch.setattr(train_adapters, 'load_backbone', load_and_hold)
+    import yaml
+    task_file = tmp_path / f'{name}.yaml'
+    task_file.write_text(yaml.safe_dump({'backbone': backbone_spec, 'tasks': tasks, 'img_size': 32, 'epochs': 2,
+                                         'lr': 0.02, 'batch_size': 8, 'output': str(tmp_path / 'out'),
+                                         'experiment': name}))
+    assert load_script('train').main(['--tasks', str(task_file)]) == 0
+    return tmp_path / 'out' / name, held
+
+
+def test_train_py_tasks_trains_adapters_over_a_frozen_staged_checkpoint_and_isometric_tag(tmp_path, monkeypatch):
+    from hubserver import write_train_checkpoint
+    from timm_isomix.tasks.train_adapters import load_backbone
+    data = _image_folder(tmp_path / 'shades', ['dark', 'mid', 'light'])
+    ckpt = str(write_train_checkpoint(tmp_path / 'run', arch='isomix_resnet50', ema=False, heatmap=False, **SMALL))
+    for spec, tasks in ((ckpt, [{'name': 'shades', 'data': str(data), 'classes': ['dark', 'mid', 'light'],
+                                 'mode': 'mixture_patch'}]),
+                        ('isomix_iso_64_8_p4.cifar10', [{'name': 'shades', 'data': str(data), 'classes': 3},
+                                                        {'name': 'probe', 'data': str(data), 'classes': 3,
+                                                         'mode': 'linear'}])):
+        out, held = _train_with_tasks(tmp_path, monkeypatch, spec, tasks, name=f'run{len(tasks)}')
+        after = held['model'].state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in held['before'].items())  # weights and buffers, bit for bit
+        results = json.loads((out / 'results.json').read_text())
+        assert list(results['tasks']) == [t['name'] for t in tasks]
+        for t in tasks:
+            config = json.loads((out / t['name'] / CONFIG_NAME).read_text())
+            assert config['results']['mode'] == (t.get('mode') or 'mixture') and config['backbone']['name'] == spec
+            assert config['data_config']['input_size'] == [3, 32, 32] and config['data_config']['mean'] == [0.5] * 3
+            fresh = MultiTaskIsoMix(load_backbone(spec, {}), {})
+            assert fresh.fingerprint() == config['backbone']['fingerprint']
+            fresh.load_task(str(out / t['name']))
+        assert results['tasks']['shades']['trainable'] < sum(p.numel() for p in held['model'].parameters()) / 5
+
+
+@pytest.mark.parametrize('content,message', [
+    ({'tasks': [{'name': 'a', 'data': 'x', 'classes': 2, 'mode': 'mixture'}]}, 'name a mode.* add "backbone:"'),
+    ({'backbone': 'isomix_iso_64_8_p4.cifar10', 'tasks': [{'name': 'a', 'data': 'x', 'classes': 2, 'mode': 'full'}]},
+     r"task modes \{'a': 'full'\}: expected one of \('mixture', 'patch', 'mixture_patch', 'linear'\)"),
+    ({'backbone': 'isomix_iso_64_8_p4.cifar10', 'share_from': 0, 'tasks': [{'name': 'a', 'data': 'x', 'classes': 2}]},
+     r"\['share_from'\] are joint multi-task options"),
+    ({'backbone': 'no_such_model_xyz', 'tasks': [{'name': 'a', 'data': 'x', 'classes': 2}]},
+     'backbone no_such_model_xyz: Unknown model'),
+])
+def test_a_task_file_whose_backbone_or_modes_are_wrong_is_one_line_and_exit_2(tmp_path, capsys, content, message):
+    import re
+    import yaml
+    from helpers import load_script
+    task_file = tmp_path / 't.yaml'
+    task_file.write_text(yaml.safe_dump({**content, 'output': str(tmp_path / 'out')}))
+    assert load_script('train').main(['--tasks', str(task_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err

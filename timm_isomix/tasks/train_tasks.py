@@ -35,6 +35,7 @@ from .data import load_task_data
 from .fit import fit_tasks
 from ..models.routed_multitask import RoutedMultiTask, build_routed_task_model
 from .route_usage import plot_route_usage, route_usage
+from .train_adapters import check_adapter_config, train_adapters
 
 __all__ = [
     'TaskSpec', 'MultiTaskConfig', 'VARIANTS', 'read_task_config', 'config_from_flags', 'build_task_model',
@@ -52,6 +53,7 @@ class TaskSpec:
     classes: Union[int, List[str]]
     train_limit: Optional[int] = None
     val_limit: Optional[int] = None
+    mode: Optional[str] = None           # with a config `backbone`: what learns (train_adapters.ADAPTER_MODES)
 
     @property
     def num_classes(self) -> int:
@@ -88,6 +90,10 @@ class MultiTaskConfig:
     experiment: str = ''                 # '' -> tasks-<file stem>-<model>
     device: Optional[str] = None         # None: CUDA when available, else CPU
     source: str = 'config'               # where the config came from (file stem names the experiment)
+    backbone: Optional[str] = None       # a frozen backbone: each task trains alone in its mode, one adapter each
+
+    def __post_init__(self):
+        check_adapter_config(self)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only (stored in model.pth, loadable with weights_only=True)."""
@@ -328,9 +334,12 @@ def train_tasks(config: Union[MultiTaskConfig, str, Path, Dict[str, Any]]) -> di
     model (Routing Networks) writes `model.pth`, `summary.csv`, `results.json` with `routes` (per task: route
     frequency per layer x template on the validation set) and `js_per_layer`, `routes.png`, `routes-sharing.png`
     (and `routes-per-class-<task>.png` for per-input routes).
-    Runs under torchrun like single-task training (gloo on CPU, one sampler shard per rank).
+    Runs under torchrun like single-task training (gloo on CPU, one sampler shard per rank). With a `backbone`, the
+    tasks train one by one over it, frozen, and each is written as an adapter (tasks/train_adapters.py).
     """
     config = read_task_config(config)
+    if config.backbone is not None:  # new tasks over a frozen backbone: one adapter each (tasks/train_adapters.py)
+        return train_adapters(config)
     dist = argparse.Namespace(device=config.device, dist_backend=None, dist_url='env://')
     device = setup_distributed(dist)
     primary = getattr(dist, 'rank', 0) == 0
