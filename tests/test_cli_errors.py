@@ -1,5 +1,7 @@
-"""Bad input to train.py / validate.py: one line naming the problem, non-zero exit, no checkpoint lost."""
+"""Bad input to train.py, validate.py and the study runner: one line naming the problem and what was expected,
+exit status 2, no traceback, no checkpoint lost."""
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +140,67 @@ def test_cli_exit_status_is_non_zero_in_a_real_process(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f'train.py: error: data directory not found: {tmp_path / "none"}']
+
+
+# --- every CLI, in a real process: one line naming what was wrong and what was expected, exit status 2 ---------
+def one_line_error(args, **kwargs) -> str:
+    """Run `python ARGS` from the checkout: exit status 2, one stderr line and no traceback (returned)."""
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kwargs)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_train_py_names_a_model_kwarg_the_model_cannot_use(tiny, tmp_path):
+    data, _, _ = tiny
+    err = one_line_error(['train.py', '--data-dir', data, '--model', 'isomix_resnet18', '--num-classes', '10',
+                          '--device', 'cpu', '--output', tmp_path, '--model-kwargs', 'reuse=abc'])
+    assert err == ("train.py: error: model 'isomix_resnet18' cannot be built with --model-kwargs {'reuse': 'abc'}: "
+                   "invalid literal for int() with base 10: 'abc'")
+    err = one_line_error(['train.py', '--model-kwargs', 'reuse'])
+    assert err == "train.py: error: argument --model-kwargs: expected key=value items, got 'reuse'"
+
+
+def test_train_py_names_a_task_file_that_is_missing_not_yaml_or_wrongly_typed(tmp_path):
+    missing = tmp_path / 'none.yaml'
+    assert one_line_error(['train.py', '--tasks', missing]) == \
+        f'train.py: error: --tasks {missing}: task file {missing} does not exist'
+    broken = tmp_path / 'broken.yaml'
+    broken.write_text('tasks: [{name: a, data: x, classes: 2}\nepochs: 2\n')
+    err = one_line_error(['train.py', '--tasks', broken])
+    assert err.startswith(f'train.py: error: --tasks {broken}: task file {broken} is not valid YAML: ')
+    assert 'at line 2, column' in err
+    typed = tmp_path / 'typed.yaml'
+    typed.write_text('epochs: ten\ntasks: [{name: a, data: x, classes: 2}]\n')
+    assert one_line_error(['train.py', '--tasks', typed]) == \
+        f"train.py: error: --tasks {typed}: {typed}: 'epochs' must be an integer, got 'ten'"
+
+
+def test_train_py_names_a_config_file_that_is_not_yaml_and_a_flag_of_the_wrong_type(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: isomix_iso_64_8_p2\n  epochs: 3\n')
+    err = one_line_error(['train.py', '-c', cfg])
+    assert err.startswith(f'train.py: error: config file {cfg} is not valid YAML: mapping values are not allowed')
+    assert one_line_error(['train.py', '--epochs', 'ten']) == "train.py: error: argument --epochs: invalid int value: 'ten'"
+
+
+def test_validate_py_names_a_missing_checkpoint_and_a_model_kwarg_the_model_cannot_use(tiny, tmp_path):
+    data, _, ckpt = tiny
+    assert one_line_error(['validate.py', '--checkpoint', tmp_path / 'no.pth.tar', '--data-dir', data]) == \
+        f'validate.py: error: checkpoint not found: {tmp_path / "no.pth.tar"}'
+    err = one_line_error(['validate.py', '--checkpoint', ckpt, '--data-dir', data, '--split', 'val', '--device', 'cpu',
+                          '--model-kwargs', 'reuse=abc'])
+    assert err.startswith("validate.py: error: model 'isomix_iso_64_8_p2' cannot be built with {")
+    assert err.endswith("'reuse': 'abc'}: invalid literal for int() with base 10: 'abc'")
+
+
+@pytest.mark.parametrize('argv,expected', [
+    (['run', 'no-such-study'], "unknown study 'no-such-study'; studies: "),
+    (['run', 'reuse-cifar10', '--epochs', 'ten'], "argument --epochs: expected a whole number of at least 1, got 'ten'"),
+    (['run', 'reuse-cifar10', '--train-limit', 'abc'],
+     "argument --train-limit: expected a number of images (at least 1) or 'all', got 'abc'"),
+], ids=['unknown-study', 'epochs', 'train-limit'])
+def test_the_study_runner_names_an_unknown_study_and_a_bad_scale(argv, expected, tmp_path):
+    env = dict(os.environ, ISOMIX_RESULTS=str(tmp_path / 'results'), ISOMIX_STATE=str(tmp_path / 'state'))
+    assert one_line_error(['-m', 'experiments', *argv], env=env).startswith(f'experiments: error: {expected}')
