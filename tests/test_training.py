@@ -216,3 +216,25 @@ def test_main_job_script_trains_validates_and_prints_accuracy_and_heatmap(shared
     bad = subprocess.run(['bash', str(ROOT / 'main_job.sh'), str(tmp_path / 'missing')], capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and 'dataset folder not found' in bad.stderr
+
+
+# --- configuration precedence -----------------------------------------------------------------------------
+def test_command_line_flags_override_a_task_file_which_overrides_the_flags_defaults_as_with_c(tmp_path):
+    """timm's rule for -c (command line > file > defaults) holds for --tasks; a -c file sets the defaults."""
+    from timm_isomix.tasks.train_tasks import config_from_flags
+    from timm_isomix.train.config import command_line_flags, parse_train_args
+    tasks = tmp_path / 'tasks.yaml'
+    tasks.write_text('epochs: 4\nseed: 5\nmodel_kwargs: {width: 16}\ntasks: [{name: a, data: x, classes: 2}]\n')
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('epochs: 7\nlr: 0.01\nbatch_size: 16\n')
+
+    def config(*argv):
+        argv = ['--tasks', str(tasks), *argv]
+        return config_from_flags(parse_train_args(argv)[0], command_line_flags(argv))
+    assert (config().epochs, config().seed, config().batch_size) == (4, 5, 128)  # the file, then train.py's defaults
+    assert (config('--epochs', '2', '--seed', '1').epochs, config('--seed', '1').seed) == (2, 1)  # the command line
+    c = config('-c', str(recipe))  # -c sets defaults: below the task file, above train.py's own
+    assert (c.epochs, c.lr, c.batch_size) == (4, 0.01, 16)
+    assert config('-c', str(recipe), '-b', '8').batch_size == 8
+    assert config('--model-kwargs', 'width=32', 'depth=4').model_kwargs == {'width': 32, 'depth': 4}
+    assert command_line_flags(['-c', str(recipe), '--epochs', '3', 'some/dir']) == {'epochs', 'data', 'data_dir'}
