@@ -273,3 +273,63 @@ def test_publish_serve_and_load_over_http_give_identical_weights_and_outputs(ola
     assert 'python -m timm_isomix.hub.publish CHECKPOINT --repo-id acme/isomix_iso_64_8_p4.miniimagenet32' in report['unpublished']
     assert report['unsafe'].startswith('PickledWeightsError: ') and 'pytorch_model.bin' in report['unsafe']
     assert 'only a full unpickle' in report['unsafe'] and '(from acme/unsafe)' in report['unsafe']
+
+
+# --- task adapters over HTTP ---------------------------------------------------------------------
+ADAPTER_LOADER = textwrap.dedent('''
+    import json, sys, torch, timm
+    import timm_isomix
+    from safetensors.torch import load_file
+    from timm_isomix import hub
+    backbone = timm.create_model('isomix_iso_64_8_p2', num_classes=0, width=8, depth=4, num_templates=2, patch_size=4)
+    backbone.load_state_dict(load_file(sys.argv[1]))
+    model = timm_isomix.MultiTaskIsoMix(backbone, {})
+    model.load_task('hf-hub:acme/shades-adapter')
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save(model.eval()(x, task='shades'), sys.argv[2])
+    try:
+        model.load_task('hf-hub:acme/no-such-adapter')
+        report = 'loaded'
+    except hub.PretrainedWeightsError as e:
+        report = f'{type(e).__name__}: {e}'
+    print(json.dumps({'missing': report, 'label_names': model.task_info['shades']['label_names']}))
+''')
+
+
+def test_publish_a_task_adapter_serve_and_load_it_onto_its_backbone_over_http(olah, tmp_path):
+    torch.manual_seed(0)
+    backbone = timm.create_model('isomix_iso_64_8_p2', num_classes=0, width=8, depth=4, num_templates=2, patch_size=4)
+    save_file(backbone.state_dict(), str(tmp_path / 'backbone.safetensors'))
+    model = timm_isomix.MultiTaskIsoMix(backbone, {})
+    model.add_task('shades', 3, patch=True)
+    with torch.no_grad():
+        for p in model.tasks['shades'].parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_task('shades', tmp_path / 'adapter', label_names=['dark', 'mid', 'light'], results={'top1': 80.0})
+    commits = CommitServer(olah).start()
+    try:
+        res = subprocess.run(
+            [sys.executable, '-m', 'timm_isomix.hub.publish', '--task', str(tmp_path / 'adapter'),
+             '--repo-id', 'acme/shades-adapter'],
+            env=_env(tmp_path / 'publisher', commits.endpoint, HF_TOKEN='hf_local_test'),
+            capture_output=True, text=True, timeout=240)
+    finally:
+        commits.stop()
+    assert res.returncode == 0, res.stderr[-3000:]
+    repo = olah.mirrors / 'models' / 'acme' / 'shades-adapter'
+    assert sorted(p.name for p in repo.iterdir() if p.name != '.git') == [
+        'README.md', 'adapter_config.json', 'adapter_model.safetensors']
+    card = (repo / 'README.md').read_text()
+    assert model.fingerprint() in card and '80.00 % top-1' in card and "load_task('hf-hub:acme/shades-adapter')" in card
+    res = subprocess.run([sys.executable, '-c', ADAPTER_LOADER, str(tmp_path / 'backbone.safetensors'),
+                          str(tmp_path / 'out.pt')], env=_env(tmp_path, olah.endpoint), capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / 'out.pt'), model.eval()(x, task='shades'))
+    assert report['label_names'] == ['dark', 'mid', 'light']
+    assert report['missing'].startswith('WeightsNotPublishedError: acme/no-such-adapter: no task adapter')
+    assert 'python -m timm_isomix.hub.publish --task FOLDER --repo-id acme/no-such-adapter' in report['missing']

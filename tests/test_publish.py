@@ -162,3 +162,55 @@ def test_upload_goes_through_timms_push_to_hf_hub_safetensors_only_then_the_heat
         ('folder', 'acme/isomix_iso_64_8_p2.cifar10', ['README.md', 'config.json', 'model.safetensors'], 'dev'),
         ('file', 'acme/isomix_iso_64_8_p2.cifar10', ['mixtures.png'], 'dev'),
     ]
+
+
+# --- task adapters ---------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def adapter(tmp_path_factory):
+    """An adapter folder (model.save_task) of a patched task over a tiny isometric backbone, and its model."""
+    torch.manual_seed(0)
+    backbone = timm.create_model('isomix_iso_64_8_p2', num_classes=0, width=8, depth=4, num_templates=2, patch_size=4)
+    model = timm_isomix.MultiTaskIsoMix(backbone, {})
+    model.add_task('shades', 3, patch=True)
+    folder = tmp_path_factory.mktemp('adapter') / 'shades'
+    model.save_task('shades', folder, label_names=['dark', 'mid', 'light'],
+                    results={'top1': 77.5, 'mode': 'mixture_patch', 'dataset': 'shades'})
+    return folder, model
+
+
+def test_a_task_adapter_publishes_as_it_is_with_a_card_naming_task_classes_accuracy_parameters_backbone(adapter, tmp_path):
+    folder, model = adapter
+    out = tmp_path / 'pub'
+    assert publish.main(['--task', str(folder), '--repo-id', 'acme/shades', '--local-dir', str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
+    assert (out / 'adapter_model.safetensors').read_bytes() == (folder / 'adapter_model.safetensors').read_bytes()
+    card = (out / 'README.md').read_text()
+    trainable = json.loads((folder / 'adapter_config.json').read_text())['trainable_parameters']
+    for text in ('Task: `shades`', 'Classes: 3 (dark, mid, light)', '77.50 % top-1 on shades (mode `mixture_patch`)',
+                 f'Trainable parameters: {trainable}', 'architecture `isomix_iso_64_8_p2`', model.fingerprint(),
+                 "model.load_task('hf-hub:acme/shades')", 'arXiv:2107.10963'):
+        assert text in card, text
+    again = timm_isomix.MultiTaskIsoMix(copy_of_backbone(model), {})
+    again.load_task(str(out))  # the published folder is an adapter folder
+    assert torch.equal(again.tasks['shades'].patch_layers, model.tasks['shades'].patch_layers)
+
+
+def copy_of_backbone(model):
+    """A fresh isometric backbone holding `model`'s shared weights."""
+    b = timm.create_model('isomix_iso_64_8_p2', num_classes=0, width=8, depth=4, num_templates=2, patch_size=4)
+    b.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(('stem.', 'bank.'))}, strict=False)
+    return b
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--repo-id', 'acme/x', '--dry-run'], 'give a CHECKPOINT or --task FOLDER'),
+    (['ckpt.pth', '--task', 'FOLDER', '--repo-id', 'acme/x', '--dry-run'], 'not both'),
+    (['--task', 'FOLDER', '--use-ema', '--repo-id', 'acme/x', '--dry-run'], '--use-ema applies to a checkpoint'),
+    (['--task', 'no/such/folder', '--repo-id', 'acme/x', '--dry-run'], 'not a task adapter folder'),
+    (['--task', 'FOLDER', '--repo-id', 'no-org', '--dry-run'], 'ORG/NAME'),
+])
+def test_bad_task_publishing_input_is_one_line_and_exit_2(adapter, capsys, args, message):
+    args = [str(adapter[0]) if a == 'FOLDER' else a for a in args]
+    assert publish.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

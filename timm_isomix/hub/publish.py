@@ -1,6 +1,7 @@
-"""Publish a train.py checkpoint to the Hugging Face Hub with timm's own `push_to_hf_hub`.
+"""Publish a train.py checkpoint (timm's own `push_to_hf_hub`) or a task adapter to the Hugging Face Hub.
 
     python -m timm_isomix.hub.publish CHECKPOINT --repo-id ORG/NAME [--use-ema] [--dry-run | --local-dir DIR]
+    python -m timm_isomix.hub.publish --task FOLDER --repo-id ORG/NAME [--dry-run | --local-dir DIR]
 
 The checkpoint's 'arch' and 'model_args' rebuild the model (schedule included) with timm.create_model; the
 raw or EMA weights are loaded into it and published as timm publishes its own weights: `model.safetensors`
@@ -9,9 +10,13 @@ checkpoint's data config) and a model card (README.md) with the checkpoint's res
 parameters and GMACs, plus the mixture heatmap `mixtures.png` found next to the checkpoint.
 `--dry-run` / `--local-dir` write the same folder with timm's `save_for_hf` and upload nothing; it loads
 with `timm.create_model('local-dir:DIR', pretrained=True)`.
+`--task` publishes an adapter folder (`model.save_task`, models/task_adapter.py) as it is, with a model card
+(`task_card`: task, classes, accuracy, trainable parameters, the backbone's name and fingerprint); it loads with
+`model.load_task('hf-hub:ORG/NAME')` onto the backbone it names.
 Token and endpoint: huggingface_hub's usual settings (`HF_TOKEN` or `hf auth login`, `HF_ENDPOINT`).
 """
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -23,11 +28,12 @@ import torch
 import torch.nn as nn
 
 from ..models._base import PAPER_ID
-from ..models._hub import torch_load_like_timm
+from ..models._hub import PretrainedWeightsError, torch_load_like_timm
+from ..models.task_adapter import CONFIG_NAME, FINGERPRINT, WEIGHTS_NAME, read_adapter
 from ..tools.summary import count_macs
 
 __all__ = ['PublishError', 'load_train_checkpoint', 'rebuild_model', 'count_macs', 'model_card',
-           'export_config', 'write_folder', 'publish', 'main']
+           'export_config', 'write_folder', 'publish', 'task_card', 'publish_task', 'main']
 
 HEATMAP_NAME = 'mixtures.png'
 PAPER = ('Zhmoginov, Bashkirova, Sandler. Compositional Models: Multi-Task Learning and Knowledge Transfer '
@@ -205,6 +211,88 @@ def write_folder(model: nn.Module, folder: str, repo_id: str, config: Dict[str, 
     return out
 
 
+def _check_repo_id(repo_id: str) -> None:
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise PublishError(f'--repo-id must be ORG/NAME (e.g. my-org/isomix_iso_64_8_p4.cifar10), got {repo_id!r}')
+
+
+# --- task adapters ------------------------------------------------------------------------------
+def _backbone_snippet(backbone: Dict[str, Any]) -> str:
+    name, arch = backbone.get('name') or backbone['architecture'], backbone['architecture']
+    if name.startswith(('hf-hub:', 'local-dir:')) or (name != arch and name.split('.')[0] == arch):
+        return f"backbone = timm.create_model('{name}', pretrained=True, num_classes=0)"
+    args = ''.join(f', {k}={v!r}' for k, v in (backbone.get('model_args') or {}).items())
+    return (f"backbone = timm.create_model('{arch}', num_classes=0{args})  # then load the backbone's weights "
+            f"({name}, fingerprint below)")
+
+
+def task_card(config: Dict[str, Any], repo_id: str, size: int) -> str:
+    """README.md of a task adapter: task, classes, accuracy, trainable parameters, the backbone and its fingerprint."""
+    task, backbone, owns = config['task'], config['backbone'], config.get('owns') or {}
+    results = config.get('results') or {}
+    labels = config.get('label_names')
+    accuracy = (f'{results["top1"]:.2f} % top-1' + (f' on {results["dataset"]}' if results.get('dataset') else '')
+                if isinstance(results.get('top1'), (int, float)) else 'not recorded')
+    lines = [
+        '---', 'license: apache-2.0', 'tags:', '- image-classification', '- timm-isomix', '- task-adapter', '---', '',
+        f'# {task}: a timm-isomix task adapter', '',
+        f'Task `{task}` as an adapter over the `{backbone["architecture"]}` backbone: its mixture logits (which '
+        'templates of the backbone\'s banks each layer runs), its BatchNorm statistics'
+        + (', its own BatchNorm scale and shift (patch)' if owns.get('patch') else '') + ' and its head. The backbone '
+        'itself is not in this repository; the adapter loads onto the backbone whose shared weights have the '
+        'fingerprint below, and is refused by any other.', '',
+        '## Task', '',
+        f'- Task: `{task}`',
+        f'- Classes: {config["num_classes"]}' + (f' ({", ".join(map(str, labels))})' if labels else ''),
+        f'- Accuracy: {accuracy}' + (f' (mode `{results["mode"]}`)' if results.get('mode') else ''),
+        f'- Trainable parameters: {config.get("trainable_parameters")} (mixtures {owns.get("mixtures")}, patch '
+        f'{owns.get("patch", 0)}, head {owns.get("head")}); statistics: {owns.get("statistics")} values',
+        f'- Adapter: `{WEIGHTS_NAME}`, {size / 1024:.1f} KiB; `{CONFIG_NAME}` (format version '
+        f'{config.get("format_version")})', '',
+        '## Backbone', '',
+        f'- Backbone: `{backbone.get("name") or backbone["architecture"]}` (architecture `{backbone["architecture"]}`, '
+        f'model args `{json.dumps(backbone.get("model_args") or {})}`)',
+        f'- Fingerprint: `{backbone.get("fingerprint")}`: {FINGERPRINT}', '',
+        '## Usage', '', '```python', 'import timm', 'import timm_isomix', '', _backbone_snippet(backbone),
+        'model = timm_isomix.MultiTaskIsoMix(backbone, {})',
+        f"model.load_task('hf-hub:{repo_id}')",
+        f"logits = model.eval()(images, task='{task}')  # images as the data config says (below)",
+        f"network = model.bake('{task}')  # the task alone, as plain timm modules", '```', '',
+        f'Data config: `{json.dumps(config.get("data_config") or {})}`', '',
+        '## Citation', '', PAPER, '', '```bibtex', CITATION, '```', '']
+    return '\n'.join(lines)
+
+
+def publish_task(folder: str, repo_id: str, local_dir: Optional[str] = None, private: bool = False,
+                 revision: Optional[str] = None, commit_message: Optional[str] = None) -> str:
+    """Publish the adapter in `folder` to `repo_id` with its model card (or write them to `local_dir`); return the
+    commit URL or the folder."""
+    _check_repo_id(repo_id)
+    try:
+        config, _, _ = read_adapter(folder)
+    except PretrainedWeightsError as e:
+        raise PublishError(str(e)) from None
+    files = {name: Path(folder) / name for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    card = task_card(config, repo_id, files[WEIGHTS_NAME].stat().st_size)
+    staging = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix='isomix-task-'))
+    if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
+        raise PublishError(f'{staging} exists and is not an empty folder; choose a new --local-dir (nothing is overwritten)')
+    staging.mkdir(parents=True, exist_ok=True)
+    for name, path in files.items():
+        shutil.copyfile(path, staging / name)
+    (staging / 'README.md').write_text(card, encoding='utf-8')
+    if local_dir is not None:
+        return str(staging)
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(staging), revision=revision,
+                               commit_message=commit_message or f'Add task adapter {config["task"]!r} '
+                                                                f'from timm_isomix.hub.publish')
+    shutil.rmtree(staging, ignore_errors=True)
+    return str(getattr(commit, 'commit_url', commit))
+
+
 def publish(
         checkpoint: str,
         repo_id: str,
@@ -215,8 +303,7 @@ def publish(
         commit_message: Optional[str] = None,
 ) -> str:
     """Publish `checkpoint` to `repo_id` (or write the folder to `local_dir`); return the commit URL or folder."""
-    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise PublishError(f'--repo-id must be ORG/NAME (e.g. my-org/isomix_iso_64_8_p4.cifar10), got {repo_id!r}')
+    _check_repo_id(repo_id)
     ckpt = load_train_checkpoint(checkpoint)
     model = rebuild_model(ckpt, use_ema=use_ema, source=checkpoint)
     heatmap = _heatmap_next_to(checkpoint)
@@ -245,7 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog='python -m timm_isomix.hub.publish', description=__doc__.split('\n\n')[0],
         epilog='Token and endpoint come from huggingface_hub (HF_TOKEN or `hf auth login`; HF_ENDPOINT).')
-    parser.add_argument('checkpoint', help='a train.py checkpoint (e.g. output/train/<run>/model_best.pth.tar)')
+    parser.add_argument('checkpoint', nargs='?', help='a train.py checkpoint (e.g. output/train/<run>/model_best.pth.tar)')
+    parser.add_argument('--task', metavar='FOLDER', help='a task adapter folder (model.save_task) instead of a checkpoint')
     parser.add_argument('--repo-id', required=True, help='Hub repository ORG/NAME, e.g. my-org/isomix_iso_64_8_p4.cifar10')
     parser.add_argument('--use-ema', action='store_true', help="publish the EMA weights ('state_dict_ema')")
     where = parser.add_mutually_exclusive_group()
@@ -258,18 +346,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     local_dir = args.local_dir
     if args.dry_run:
         local_dir = os.path.join(tempfile.mkdtemp(prefix='isomix-publish-'), args.repo_id.split('/')[-1])
+    what = args.task or args.checkpoint
     try:
-        out = publish(args.checkpoint, args.repo_id, use_ema=args.use_ema, local_dir=local_dir,
-                      private=args.private, revision=args.revision, commit_message=args.commit_message)
+        if (args.checkpoint is None) == (args.task is None):
+            raise PublishError('give a CHECKPOINT or --task FOLDER (an adapter)' + (', not both' if args.task else ''))
+        if args.task is not None and args.use_ema:
+            raise PublishError('--use-ema applies to a checkpoint; a task adapter has one set of weights')
+        if args.task is not None:
+            out = publish_task(args.task, args.repo_id, local_dir=local_dir, private=args.private,
+                               revision=args.revision, commit_message=args.commit_message)
+        else:
+            out = publish(args.checkpoint, args.repo_id, use_ema=args.use_ema, local_dir=local_dir,
+                          private=args.private, revision=args.revision, commit_message=args.commit_message)
     except PublishError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if local_dir is not None:
         files = ', '.join(sorted(p.name for p in Path(out).iterdir()))
-        print(f'wrote {out} ({files}); nothing uploaded. Load it with '
-              f"timm.create_model('local-dir:{out}', pretrained=True) after `import timm_isomix`")
+        load = (f"model.load_task('{out}')" if args.task else
+                f"timm.create_model('local-dir:{out}', pretrained=True) after `import timm_isomix`")
+        print(f'wrote {out} ({files}); nothing uploaded. Load it with {load}')
     else:
-        print(f'published {args.checkpoint} to {args.repo_id}: {out}')
+        print(f'published {what} to {args.repo_id}: {out}')
     return 0
 
 
