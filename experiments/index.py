@@ -150,6 +150,15 @@ def _routing_bench(base: Path) -> str:
     return '\n'.join(lines)
 
 
+def _tasks_bench(base: Path, arg=None) -> str:
+    from timm_isomix.tools.bench_tasks import format_table
+    path = results_root() / 'tasks-bench-cpu.json'
+    data = json.loads(path.read_text())
+    return (f'`{data["command"]}` (batch {data["batch"]} over {data["num_tasks"]} tasks, {data["reps"]} repetitions, '
+            f'{data["machine"]["threads"]} thread; [`{path.name}`]({_link(LINKED / path.name, base)})):\n\n'
+            + format_table(data))
+
+
 def _timm_train_py(base: Path) -> str:
     path = results_root() / 'timm-train-py' / 'usps-50-per-class-summary.csv'
     lines = [f'[`{path.name}`]({_link(LINKED / "timm-train-py" / path.name, base)}), timm\'s summary.csv:', '',
@@ -218,6 +227,7 @@ def _layout(base: Path) -> str:
 
 BLOCKS: Dict[str, Callable[[Path], str]] = {
     'models': _models, 'claims': claims_table, 'weights': _weights, 'routing-bench': _routing_bench,
+    'tasks-bench': _tasks_bench,
     'timm-train-py': _timm_train_py, 'main-job': _main_job, 'layout': _layout,
 }
 

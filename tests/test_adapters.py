@@ -478,3 +478,16 @@ def test_a_task_file_whose_backbone_or_modes_are_wrong_is_one_line_and_exit_2(tm
     assert load_script('train').main(['--tasks', str(task_file)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_the_mixed_task_benchmark_reports_both_backbones_with_ratios_and_the_adapter_load(tmp_path):
+    from timm_isomix.tools.bench_tasks import main
+    out = tmp_path / 'bench.json'
+    report = main(['--batch', '8', '--resnet-size', '32', '--reps', '1', '--steps', '1', '--warmup', '0',
+                   '--load-reps', '1', '--out', str(out)])
+    assert set(report['results']) == {'study_trunk', 'isomix_resnet50'} and out.is_file()
+    for r in report['results'].values():
+        assert r['mixed_vs_one_task']['ratio'] > 0 and r['one_task_vs_timm']['timm_ms'] > 0
+        assert r['mixed_vs_timm_per_task']['timm_per_task_ms'] > 0
+        assert r['adapter']['load_ms'] > 0 and r['adapter']['adapter_bytes'] > 0
+    assert report['target_ratio'] == 1.2 and report['command'].endswith('--out ' + str(out))
