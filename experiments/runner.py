@@ -195,6 +195,9 @@ def run_one(study: Study, config_name: str, seed: int, scale: Scale, preset: Opt
     }
     if preset is not None:
         record['preset'] = preset
+    from timm_isomix.tasks.fit import default_precision
+    if any(default_precision().values()):  # the in-memory loop's bf16 autocast or channels_last ($ISOMIX_AMP, ...)
+        record['precision'] = default_precision()
     atomic_write_bytes(json.dumps(record, indent=1).encode(), str(path))
     state.clear()
     return record

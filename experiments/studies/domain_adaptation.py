@@ -133,4 +133,8 @@ register(Study(
     run=run_adaptation,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'score'),
+    # full: the multi-task study's full trunk; the sources' model trained 30 epochs (the scale's epochs multiply
+    # the pretraining's 1) at 128 images per domain and step
+    presets={'full': Scale(epochs=30, train_limit=None, val_limit=None, batch_size=128,
+                           overrides=dict(pretrain=dict(model_kwargs=dict(width=128, patch_size=2))))},
 ))

@@ -7,6 +7,7 @@ multiplier and the softmax temperature. The defaults are chosen from these numbe
 """
 from ..classify import train_classifier
 from ..runner import Scale, Study, register
+from .reuse import FULL as REUSE_FULL
 
 TRUNK = dict(width=64, patch_size=4, num_templates=4, depth=8)
 
@@ -30,4 +31,5 @@ register(Study(
     },
     run=train_classifier,
     scale=Scale(epochs=4, train_limit=10000, val_limit=2000, batch_size=64),
+    presets={'full': REUSE_FULL},  # the reuse study's full size: trunk at 128 channels on 16x16 tokens, its recipe
 ))

@@ -27,6 +27,10 @@ TASKS = [{'name': n, 'data': n, 'classes': 10} for n in ('mnist', 'usps', 'mnist
 # One epoch = 300 joint steps of 64 images per task (19,200 per task): about 2.5 min on a quiet core, 5 min on
 # a core shared with other jobs (measured: 0.46 s / 0.89 s per joint step); the full training sets are the pool.
 STEPS = 300
+# Full size (GPU): the trunk at 128 channels on 16x16 tokens (patch 2); 128 images per task and step; 20 epochs of
+# the mean task's batches with no step cap (4,820 joint steps: CIFAR-10 about 12 passes, MNIST 10).
+FULL = Scale(epochs=20, train_limit=None, val_limit=None, batch_size=128,
+             overrides=dict(model_kwargs=dict(width=128, patch_size=2), steps_per_epoch=None))
 TRUNK = dict(model='isomix_iso_64_8_p2', model_kwargs=dict(width=48, patch_size=4, depth=8, num_templates=4),
              mixture_init='random', init_logit=None)
 
@@ -68,4 +72,5 @@ register(Study(
     run=run_multitask,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'top1_mnist', 'top1_usps', 'top1_mnistm', 'top1_cifar10', 'params_own', 'params_used'),
+    presets={'full': FULL},
 ))

@@ -124,6 +124,9 @@ def run_routing(config: Dict[str, Any], seed: int, scale: Scale, state: RunState
 
 
 ROUTED = [m for m, c in METHODS.items() if 'routing' in c]
+# Full size (GPU): the multi-task study's full trunk (128 channels, 16x16 tokens) and 128 images per task and step;
+# MIN-MTL 30 epochs of its 2,500 images per task, the digits set 20 epochs of its mean task with no step cap.
+WIDE = dict(model_kwargs=dict(width=128, patch_size=2))
 
 
 def _configs(tasks, methods, **extra) -> Dict[str, Dict[str, Any]]:
@@ -138,6 +141,7 @@ register(Study(
     run=run_routing,
     scale=Scale(epochs=4, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'train_time', 'train_time_per_task', 'params'),
+    presets={'full': Scale(epochs=30, train_limit=None, val_limit=None, batch_size=128, overrides=WIDE)},
 ))
 
 register(Study(
@@ -149,6 +153,8 @@ register(Study(
     run=run_routing,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'top1_mnist', 'top1_usps', 'top1_mnistm', 'top1_cifar10', 'train_time', 'params'),
+    presets={'full': Scale(epochs=20, train_limit=None, val_limit=None, batch_size=128,
+                           overrides=dict(WIDE, steps_per_epoch=None))},
 ))
 
 register(Study(
@@ -160,4 +166,5 @@ register(Study(
     run=run_routing,
     scale=Scale(epochs=1, train_limit=1000, val_limit=None, batch_size=64),
     metrics=('train_time_per_task', 'train_time', 'top1'),
+    presets={'full': Scale(epochs=1, train_limit=None, val_limit=None, batch_size=128, overrides=WIDE)},
 ))

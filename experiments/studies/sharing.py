@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 
 from timm_isomix.train.plots import js_divergence
 from ..runner import RunState, Scale, Study, register
-from .multitask_learning import STEPS, TASKS, TRUNK, run_multitask
+from .multitask_learning import FULL as MULTITASK_FULL, STEPS, TASKS, TRUNK, run_multitask
 from .routing_networks import min_mtl_tasks
 
 __all__ = ['copies', 'run_sharing_control']
@@ -52,6 +52,7 @@ register(Study(
     run=run_sharing_control,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', *(f'top1_{t["name"]}' for t in copies(TASKS))),
+    presets={'full': MULTITASK_FULL},  # the multi-task study's full size
 ))
 
 register(Study(
@@ -63,4 +64,6 @@ register(Study(
     run=run_sharing_control,
     scale=Scale(epochs=4, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1',),
+    presets={'full': Scale(epochs=30, train_limit=None, val_limit=None, batch_size=128,
+                           overrides=dict(model_kwargs=MULTITASK_FULL.overrides['model_kwargs']))},  # routing-min-mtl's
 ))

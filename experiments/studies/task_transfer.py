@@ -28,6 +28,10 @@ from .multitask_learning import TRUNK
 DIGITS = [{'name': n, 'data': n, 'classes': 10} for n in ('mnist', 'usps', 'cifar10')]
 MNISTM = {'name': 'mnistm', 'data': 'mnistm', 'classes': 10}
 CIFAR10 = {'name': 'cifar10', 'data': 'cifar10', 'classes': 10}
+# Full size (GPU): the multi-task study's full trunk (128 channels, 16x16 tokens), 128 images per task and step;
+# the bank trained to convergence, 30 epochs of the sources' mean batches with no step cap; the held-out task for
+# 30 epochs (MNIST-M) or 10 (CIFAR-10). The scale's epochs (10) multiply the bank's 3 and the transfer's 3 or 1.
+FULL_BANK = dict(model_kwargs=dict(width=128, patch_size=2), epochs=3, steps_per_epoch=None)
 
 
 def miniimagenet_tasks(num_tasks: int = 5, per_task: int = 20):
@@ -84,6 +88,8 @@ register(Study(
     run=run_transfer,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'trainable'),
+    presets={'full': Scale(epochs=10, train_limit=None, val_limit=None, batch_size=128,
+                           overrides=dict(pretrain=FULL_BANK, transfer_epochs=3))},
 ))
 
 register(Study(
@@ -96,4 +102,6 @@ register(Study(
     run=run_transfer,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'trainable'),
+    presets={'full': Scale(epochs=10, train_limit=None, val_limit=None, batch_size=128,
+                           overrides=dict(pretrain=FULL_BANK))},
 ))

@@ -73,5 +73,7 @@ register(Study(
     configs={'resnet26-continue': dict(variant='continue'), 'isomix-reuse2-warm': dict(variant='isomix')},
     run=run_warmstart,
     scale=Scale(epochs=1, train_limit=25000, val_limit=5000, batch_size=64),
+    # full: all 50,000 images and 10 fine-tuning epochs at batch 256 (the pretraining's length is PRETRAIN_EPOCHS)
+    presets={'full': Scale(epochs=10, train_limit=None, val_limit=None, batch_size=256)},
     metrics=('top1', 'top1_before', 'top1_pretrained', 'top1_reuse1'),
 ))

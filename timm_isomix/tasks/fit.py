@@ -25,7 +25,10 @@ through it.
   loop saves model, optimizer, scheduler, history, torch's RNG and the caller's `keep` values. Started again
   with the same arguments, it goes on from the last finished epoch along the path an unstopped run takes.
 - Device: `device`, by default `default_device()` (CUDA when available; `$ISOMIX_DEVICE` overrides); the model
-  is moved there. Evaluation runs where the model is.
+  is moved there. Evaluation runs where the model is, in float32.
+- Precision: `amp='bfloat16'` autocasts the training steps' forward passes to bfloat16 (no loss scaling is
+  needed); `channels_last` moves the model and the batches to that memory format. By default both follow
+  `$ISOMIX_AMP` and `$ISOMIX_CHANNELS_LAST` ('1'), unset: float32 and the contiguous format.
 """
 import math
 import os
@@ -43,8 +46,8 @@ from timm.scheduler import create_scheduler_v2
 
 from ..train.optim import mixture_param_groups
 
-__all__ = ['fit', 'fit_tasks', 'evaluate', 'default_device', 'model_device', 'random_crop_flip', 'AUGMENTATIONS',
-           'SAMPLINGS']
+__all__ = ['fit', 'fit_tasks', 'evaluate', 'default_device', 'default_precision', 'model_device', 'random_crop_flip',
+           'AUGMENTATIONS', 'SAMPLINGS']
 
 AUGMENTATIONS = (None, 'crop', 'crop_flip')
 SAMPLINGS = ('cycle', 'permutation')
@@ -54,6 +57,18 @@ Task = Optional[str]  # None: the model's only task, run as model(x), its metric
 def default_device() -> torch.device:
     """Where runs train: `$ISOMIX_DEVICE` when set (e.g. 'cpu', 'cuda:1'), else CUDA when available, else the CPU."""
     return torch.device(os.environ.get('ISOMIX_DEVICE') or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def default_precision() -> Dict[str, Any]:
+    """How runs compute when the caller does not say: {'amp': `$ISOMIX_AMP` or None, 'channels_last':
+    `$ISOMIX_CHANNELS_LAST` == '1'}."""
+    return {'amp': os.environ.get('ISOMIX_AMP') or None, 'channels_last': os.environ.get('ISOMIX_CHANNELS_LAST') == '1'}
+
+
+def _amp_dtype(amp: Optional[str]) -> Optional[torch.dtype]:
+    if amp not in (None, 'bfloat16'):
+        raise ValueError(f"amp must be None or 'bfloat16' (float16 would need loss scaling), got {amp!r}")
+    return torch.bfloat16 if amp else None
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -222,7 +237,8 @@ def _check_tasks(model: nn.Module, train_sets: Dict[Task, Dataset]) -> None:
 
 
 def _train_epoch(step_module, model: nn.Module, batches, optimizer, scheduler, epoch: int, epochs: int,
-                 device, frozen_stats: bool) -> Dict[str, float]:
+                 device, frozen_stats: bool, amp_dtype: Optional[torch.dtype] = None,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> Dict[str, float]:
     model.train()
     if frozen_stats:
         for m in model.modules():
@@ -234,8 +250,10 @@ def _train_epoch(step_module, model: nn.Module, batches, optimizer, scheduler, e
     for step in range(steps):
         if hasattr(model, 'set_progress'):  # a routed model's Gumbel temperature schedule
             model.set_progress((epoch + step / steps) / epochs)
-        batch = {t: (x.to(device), y.to(device)) for t, (x, y) in batches.next().items()}
-        loss, losses, correct = step_module(batch)
+        batch = {t: (x.to(device, memory_format=memory_format if x.dim() == 4 else torch.preserve_format), y.to(device))
+                 for t, (x, y) in batches.next().items()}
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss, losses, correct = step_module(batch)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}: lower lr')
         optimizer.zero_grad(set_to_none=True)
@@ -308,9 +326,11 @@ def fit_tasks(
         tag: str = 'fit',
         keep: Optional[Dict[str, Any]] = None,
         epoch_metrics: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
+        amp: Optional[str] = None,
+        channels_last: Optional[bool] = None,
 ) -> List[dict]:
     """Train the tasks of `train_sets` (task -> dataset; the task None: a single-task model) jointly; see the
-    module docstring for the recipe, sampling, augmentation, resuming and device.
+    module docstring for the recipe, sampling, augmentation, resuming, device and precision.
 
     With `frozen_stats`, BatchNorm statistics stay as they are (eval mode), e.g. for a linear probe. Freeze
     what must not train first (transfer.freeze_for_transfer). `state` and `tag` resume an interrupted run
@@ -331,7 +351,11 @@ def fit_tasks(
         raise ValueError('state (resuming) is for a run in one process, not a distributed one')
     _check_tasks(model, train_sets)
     device = default_device() if device is None else torch.device(device)
-    model.to(device)
+    precision = default_precision()
+    amp_dtype = _amp_dtype(precision['amp'] if amp is None else amp)
+    memory_format = torch.channels_last if (precision['channels_last'] if channels_last is None else channels_last) \
+        else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
     if sampling == 'cycle':
         batches = _CycleBatches(train_sets, batch_size, seed, distributed, augment, steps_per_epoch)
     else:
@@ -345,7 +369,7 @@ def fit_tasks(
     for epoch in range(start, epochs):
         began = time.time()
         record = {'epoch': epoch + 1, **_train_epoch(step_module, model, batches, optimizer, scheduler, epoch,
-                                                    epochs, device, frozen_stats)}
+                                                    epochs, device, frozen_stats, amp_dtype, memory_format)}
         for t, ds in (val_sets or {}).items():
             record[_key(t, 'top1')] = evaluate(model, t, ds, device=device)
         record['time'] = time.time() - began
