@@ -258,6 +258,10 @@ def test_a_truncated_adapter_or_a_pickle_is_refused_with_the_hub_errors(tmp_path
         m.load_task(str(pickled / 'adapter_model.bin'), name='p')
     with pytest.raises(PretrainedWeightsError, match='not a task adapter folder'):
         m.load_task(str(tmp_path / 'missing'), name='p')
+    config = json.loads((truncated / CONFIG_NAME).read_text())
+    (truncated / CONFIG_NAME).write_text(json.dumps({k: v for k, v in config.items() if k != 'num_classes'}))
+    with pytest.raises(PretrainedWeightsError, match=r"lacks \['num_classes'\]"):
+        m.load_task(str(truncated), name='t')
     assert list(m.tasks) == ['a'] and m.load_task(good, name='again').num_classes == 3
 
 

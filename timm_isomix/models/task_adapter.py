@@ -197,6 +197,9 @@ def read_adapter(source: str, cache_dir: Optional[str] = None) -> Tuple[Dict[str
         found = config.get('format') if isinstance(config, dict) else type(config).__name__
         raise PretrainedWeightsError(f'{where}/{CONFIG_NAME}: not a timm_isomix task adapter (format {found!r}, '
                                      f'expected {FORMAT!r})')
+    missing = [k for k in ('task', 'num_classes', 'backbone', 'layers_per_bank') if k not in config]
+    if missing:
+        raise PretrainedWeightsError(f'{where}/{CONFIG_NAME}: lacks {missing}; not an adapter save_task wrote')
     if int(config.get('format_version', 0)) > FORMAT_VERSION:
         raise PretrainedWeightsError(f'{where}: adapter format version {config["format_version"]} is newer than this '
                                      f'timm_isomix reads ({FORMAT_VERSION}); upgrade timm_isomix')
