@@ -7,13 +7,14 @@ docs/results.md is generated whole: per claim, each study scale's question, verd
 (`verdicts.py`) and a link to its report; study scales with fewer than 3 seeds per configuration are listed
 as in progress. In README.md and docs/*.md a generated block is
 
-    <!-- generated: KIND -->
+    <!-- generated: KIND [FILE] -->
     ...
     <!-- end generated -->
 
-whose body is `BLOCKS[KIND]` of the page's folder: the model table, the claims table, the shipped weights'
-results, the routing benchmark, timm's train.py run, the main job's output, the layout tree. No number in a
-results table is typed by hand: tests/test_docs.py checks every block, and that every table of numbers is one.
+whose body is `BLOCKS[KIND]` of the page's folder (and FILE, a result file under experiments/results/): the
+model table, the claims table, the shipped weights' results, the routing benchmark, a benchmark's cases and
+targets, timm's train.py run, the main job's output, the layout tree. No number in a results table is typed by
+hand: tests/test_docs.py checks every block, and that every table of numbers is one.
 """
 import argparse
 import ast
@@ -32,7 +33,8 @@ from . import studies  # noqa: F401  (registers the studies)
 __all__ = ['BLOCKS', 'study_scales', 'results_index', 'refresh', 'out_of_date', 'main']
 
 MIN_SEEDS = 3
-BLOCK = re.compile(r'(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generated -->)', re.S)
+BLOCK = re.compile(r'(?P<open><!-- generated: (?P<kind>[\w-]+)(?: (?P<arg>[\w.-]+))? -->\n)(?P<body>.*?)'
+                   r'(?P<close><!-- end generated -->)', re.S)
 DOCS = REPO_ROOT / 'docs'
 LINKED = REPO_ROOT / 'experiments' / 'results'  # where the links point: the committed result files
 
@@ -59,7 +61,7 @@ def _report(study: str, scale: str, base: Path) -> str:
     return f'[{label}]({_link(LINKED / study / scale / "report.md", base)})'
 
 
-def claims_table(base: Path) -> str:
+def claims_table(base: Path, arg=None) -> str:
     """README's claims table: each claim in the papers' words, its verdict, the reports that back it."""
     lines = ['| claim | verdict | reports |', '|---|---|---|']
     backing = {key: [] for key in CLAIMS}
@@ -95,7 +97,11 @@ supported, not shown at this scale, or contradicted, and holds for the scale it 
 
 Other measurements: the main job's output ([training](training.md#main-job)), speed and memory against timm's
 models ([performance](performance.md)), the routed layers' cost ([Routing Networks](routing.md)), tasks as
-adapters ([adapters](adapters.md)), and the studies on a GPU ([running at scale](scale.md)).
+adapters ([adapters](adapters.md)), and the studies on a GPU ([running at scale](scale.md)). The tables of numbers
+in README and these pages are generated from the result files as well, never typed: a block
+`<!-- generated: KIND [FILE] -->` ... `<!-- end generated -->` whose body `python -m experiments index` writes
+(`experiments/index.py` lists the kinds: the model table, the claims, the shipped weights, a benchmark's cases and
+targets, the routing benchmark, timm's train.py run, the main job, the layout tree).
 '''
 
 
@@ -124,7 +130,7 @@ def results_index(base: Path = DOCS) -> str:
     return '\n\n'.join(parts) + '\n'
 
 
-def _weights(base: Path) -> str:
+def _weights(base: Path, arg=None) -> str:
     lines = ['| tag | val images | top-1 | top-5 | params (M) | recipe | result file |', '|' + '---|' * 7]
     for path in sorted((results_root() / 'weights').glob('*.json')):
         row = json.loads(path.read_text())[0]
@@ -137,7 +143,7 @@ def _weights(base: Path) -> str:
     return '\n'.join(lines)
 
 
-def _routing_bench(base: Path) -> str:
+def _routing_bench(base: Path, arg=None) -> str:
     path = results_root() / 'routing-bench-cpu.json'
     data = json.loads(path.read_text())
     target = data['target_ratio']
@@ -159,7 +165,7 @@ def _tasks_bench(base: Path, arg=None) -> str:
             + format_table(data))
 
 
-def _timm_train_py(base: Path) -> str:
+def _timm_train_py(base: Path, arg=None) -> str:
     path = results_root() / 'timm-train-py' / 'usps-50-per-class-summary.csv'
     lines = [f'[`{path.name}`]({_link(LINKED / "timm-train-py" / path.name, base)}), timm\'s summary.csv:', '',
              '| epoch | train loss | val loss | val top-1 | val top-5 |', '|---|---|---|---|---|']
@@ -170,12 +176,12 @@ def _timm_train_py(base: Path) -> str:
     return '\n'.join(lines)
 
 
-def _main_job(base: Path) -> str:
+def _main_job(base: Path, arg=None) -> str:
     path = results_root() / 'main-job' / 'output.txt'
     return '\n'.join(f'    {line}' for line in path.read_text().strip().splitlines())
 
 
-def _models(base: Path) -> str:
+def _models(base: Path, arg=None) -> str:
     from timm_isomix.tools.summary import model_table
     return model_table()
 
@@ -212,7 +218,7 @@ def _tree(folder: Path, depth: int) -> List[str]:
     return lines
 
 
-def _layout(base: Path) -> str:
+def _layout(base: Path, arg=None) -> str:
     lines = []
     for name, what in _TOP.items():
         if not (REPO_ROOT / name).exists():
@@ -225,19 +231,57 @@ def _layout(base: Path) -> str:
     return '\n'.join(lines)
 
 
-BLOCKS: Dict[str, Callable[[Path], str]] = {
+# a benchmark JSON's case columns: (key, heading, format); a column shows when any case has a value
+_BENCH = [('train_flops_per_image', 'GFLOP/img (train)', lambda v: f'{v / 1e9:.2f}'),
+          ('train_img_s', 'train img/s', '{:.1f}'), ('train_ratio', 'ratio', '{:.3f}'),
+          ('train_system_s_per_step', 'sys s/step', '{:.2f}'),
+          ('train_page_fault_mb_per_step', 'page-faulted MB/step', '{:.0f}'),
+          ('infer_img_s', 'infer img/s', '{:.1f}'), ('infer_ratio', 'ratio', '{:.3f}'),
+          ('mix_share', 'mix share', lambda v: f'{100 * v:.1f} %'), ('peak_memory_mb', 'peak MB', '{:.0f}'),
+          ('peak_memory_ratio', 'ratio', '{:.3f}'), ('compiled_train_img_s', 'compiled train img/s', '{:.1f}'),
+          ('compiled_infer_img_s', 'compiled infer img/s', '{:.1f}')]
+
+
+def _benchmark(base: Path, name: str) -> str:
+    """The cases of a `timm_isomix.tools.benchmark` JSON: one row per case, ratios against its reference."""
+    path = results_root() / name
+    data = json.loads(path.read_text())
+    cases = data['cases']
+    columns = [c for c in _BENCH if any(case.get(c[0]) is not None for case in cases.values())]
+    lines = [f'`{data["command"]}` ([`{name}`]({_link(LINKED / name, base)})):', '',
+             '| case | ' + ' | '.join(h for _, h, _ in columns) + ' |', '|' + '---|' * (len(columns) + 1)]
+    for case_name, case in cases.items():
+        cells = [(f.format if isinstance(f, str) else f)(case[k]) if case.get(k) is not None else '–'
+                 for k, _, f in columns]
+        lines.append(f'| {case_name} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def _benchmark_targets(base: Path, name: str) -> str:
+    """The targets of a benchmark JSON: measured value, threshold, met."""
+    data = json.loads((results_root() / name).read_text())
+    lines = ['| target | measured | threshold | |', '|---|---|---|---|']
+    for t in data['targets']:
+        met = 'n/a' if t['met'] is None else ('met' if t['met'] else 'missed')
+        value = '–' if t['value'] is None else f'{t["value"]:.3f}'
+        lines.append(f'| {t["target"]} | {value} | ≥ {t["threshold"]:g} | {met} |')
+    return '\n'.join(lines)
+
+
+BLOCKS: Dict[str, Callable[[Path, Optional[str]], str]] = {
     'models': _models, 'claims': claims_table, 'weights': _weights, 'routing-bench': _routing_bench,
     'tasks-bench': _tasks_bench,
-    'timm-train-py': _timm_train_py, 'main-job': _main_job, 'layout': _layout,
+    'benchmark': _benchmark, 'benchmark-targets': _benchmark_targets, 'timm-train-py': _timm_train_py,
+    'main-job': _main_job, 'layout': _layout,
 }
 
 
 def refresh(text: str, base: Path) -> str:
     """`text` with every generated block's body made again (links relative to `base`, the page's folder)."""
     def body(m: re.Match) -> str:
-        if m.group(2) not in BLOCKS:
-            raise KeyError(f'unknown generated block {m.group(2)!r}; kinds: {", ".join(BLOCKS)}')
-        return m.group(1) + BLOCKS[m.group(2)](base).rstrip('\n') + '\n' + m.group(4)
+        if m['kind'] not in BLOCKS:
+            raise KeyError(f'unknown generated block {m["kind"]!r}; kinds: {", ".join(BLOCKS)}')
+        return m['open'] + BLOCKS[m['kind']](base, m['arg']).rstrip('\n') + '\n' + m['close']
     return BLOCK.sub(body, text)
 
 

@@ -109,9 +109,9 @@ def test_every_relative_link_resolves(page):
 
 def test_the_layout_page_lists_every_module_of_the_library_and_the_workspace():
     block = index.BLOCK.search((DOCS / 'layout.md').read_text())
-    assert block and block.group(2) == 'layout'
+    assert block and block['kind'] == 'layout'
     listed, stack = set(), []
-    for line in block.group(3).splitlines():
+    for line in block['body'].splitlines():
         depth, name = (len(line) - len(line.lstrip())) // 2, re.match(r'\s*- `([^`]+)`', line).group(1)
         stack[depth:] = [name]
         listed.add(''.join(stack))
