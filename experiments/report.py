@@ -138,7 +138,10 @@ def report_text(study: Study, scale: str = 'cpu') -> str:
     rows = summarize(study, scale)
     if not rows:
         raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r} in {folder}')
-    parts = [f'# {study.name} ({scale})', study.description, markdown_table(study, rows)]
+    parts = [f'# {study.name} ({scale})', study.description]
+    if scale != 'cpu':
+        parts.append(f'This scale differs from the study\'s default in:{_run_flags(study, scale)}.')
+    parts.append(markdown_table(study, rows))
     if study.name in PIVOTS:
         parts.append(_pivot(study, rows, PIVOTS[study.name]))
     if study.name in CONTROLS:

@@ -153,15 +153,20 @@ def _adaptation_sharing(r: Results, scale: str) -> Dict[str, str]:
 
 
 def _reuse(study: str) -> Callable[[Results, str], Dict[str, str]]:
+    """Each configuration against reuse 1: `two`, `three`, `unshared`, `hard` (and `*_spreads`, `*_macs`), for
+    the configurations a scale ran (a scale may run a subset, e.g. reuse1, reuse2 and unshared-depth8)."""
     def numbers(r: Results, scale: str) -> Dict[str, str]:
         one = r.values(study, 'reuse1', scale=scale)
         out = {}
         for config, key in (('reuse2', 'two'), ('reuse3', 'three'), ('unshared-depth8', 'unshared'),
                             ('reuse2-hard-cyclic', 'hard')):
+            if config not in r.runs(study, scale):
+                continue
             other = r.values(study, config, scale=scale)
             out[key] = _points(statistics.fmean(other) - statistics.fmean(one), 2)
             out[key + '_spreads'] = _spreads(other, one)
-        out['macs'] = ' and '.join(f'{_ratio(r, study, c, "reuse1", "macs", scale):.0f}x' for c in ('reuse2', 'reuse3'))
+            out[key + '_macs'] = f'{_ratio(r, study, config, "reuse1", "macs", scale):.0f}x'
+        out['macs'] = ' and '.join(out[k + '_macs'] for k in ('two', 'three') if k + '_macs' in out)
         return out
     return numbers
 
