@@ -495,3 +495,18 @@ def test_the_mixed_task_benchmark_reports_both_backbones_with_ratios_and_the_ada
         assert r['mixed_vs_timm_per_task']['timm_per_task_ms'] > 0
         assert r['adapter']['load_ms'] > 0 and r['adapter']['adapter_bytes'] > 0
     assert report['target_ratio'] == 1.2 and report['command'].endswith('--out ' + str(out))
+
+
+def test_joint_multi_task_training_runs_over_a_staged_trunk_and_its_model_reloads(tmp_path):
+    from timm_isomix.tasks.train_tasks import load_task_model, train_tasks
+    data = _image_folder(tmp_path / 'shades', ['dark', 'light'])
+    tasks = [{'name': 'a', 'data': str(data), 'classes': 2}, {'name': 'b', 'data': str(data), 'classes': 2}]
+    res = train_tasks({'model': 'isomix_resnet50', 'model_kwargs': dict(SMALL), 'img_size': 32, 'epochs': 1,
+                       'batch_size': 8, 'patch': True, 'tasks': tasks, 'output': str(tmp_path / 'out'),
+                       'experiment': 'staged', 'seed': 0})
+    out = tmp_path / 'out' / 'staged'
+    assert (out / 'mixtures.png').is_file() and len(res['js_per_layer']) == 24  # 4 + 6 + 10 + 4 executed layers
+    model = load_task_model(out / 'model.pth').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(x, task=['a', 'b']).shape == (2, 2)

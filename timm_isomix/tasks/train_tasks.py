@@ -25,6 +25,7 @@ import yaml
 from timm.utils import get_outdir, update_summary
 
 from ..models.isometric import IsoMixNet
+from ..models.resnet import IsoMixResNet
 from ..models.multitask import MultiTaskIsoMix
 from ..train.config import yaml_problem
 from ..train.datasets import prepare_dataset
@@ -268,8 +269,8 @@ def build_task_model(config: Union[MultiTaskConfig, Dict[str, Any]]) -> Union[Mu
     if config.hard_shared and (config.patch or config.independent):
         raise ValueError('hard_shared (one trunk for all tasks) excludes patch and independent')
     trunk = timm.create_model(config.model, num_classes=0, **config.model_kwargs)
-    if not isinstance(trunk, IsoMixNet):
-        raise ValueError(f'multi-task models need an isometric isomix trunk (isomix_iso_*), got {config.model!r}')
+    if not isinstance(trunk, (IsoMixNet, IsoMixResNet)):
+        raise ValueError(f'multi-task models need an isomix trunk (isomix_iso_*, isomix_resnet*), got {config.model!r}')
     model = MultiTaskIsoMix(trunk, {}, share_from=config.share_from, init_logit=config.init_logit,
                             mixture_init=config.mixture_init)
     first = config.tasks[0].name
