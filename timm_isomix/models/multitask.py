@@ -36,7 +36,7 @@ Parameters are counted over the tensors a task's forward uses (`used_parameters`
 task's own parameters are those no other task uses (`task_parameters`).
 """
 import copy
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -219,6 +219,7 @@ class MultiTaskIsoMix(nn.Module):
 
     def _add(self, name, num_classes, init_from=None, share_head_with=None, share_trunk_with=None, patch=False,
              own_trunk=False, init_logit=None, backbone_task=False) -> TaskPath:
+        """add_task; `backbone_task`: a constructor's task, which runs the backbone's schedule as it is."""
         if not isinstance(name, str) or not name or '.' in name or name in self.tasks:
             raise ValueError(f'task name must be a new non-empty string without ".", got {name!r} '
                              f'(existing tasks: {list(self.tasks)})')
