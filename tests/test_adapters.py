@@ -462,6 +462,10 @@ def test_train_py_tasks_trains_adapters_over_a_frozen_staged_checkpoint_and_isom
             assert fresh.fingerprint() == config['backbone']['fingerprint']
             fresh.load_task(str(out / t['name']))
         assert results['tasks']['shades']['trainable'] < sum(p.numel() for p in held['model'].parameters()) / 5
+    from timm_isomix.hub import publish
+    assert publish.main([ckpt, '--repo-id', 'acme/staged', '--local-dir', str(tmp_path / 'pub')]) == 0
+    assert backbone_fingerprint(load_backbone(f'local-dir:{tmp_path / "pub"}', {})) == \
+        backbone_fingerprint(load_backbone(ckpt, {}))  # a local-dir: (or hf-hub:) backbone loads as timm loads it
 
 
 @pytest.mark.parametrize('content,message', [
