@@ -5,28 +5,31 @@
 #   experiments/gpu.sh DATA_DIR            the 8-minute plan on one H100-class GPU
 #   experiments/gpu.sh DATA_DIR --full     the four studies at full size, every configuration, 3 seeds (about an hour)
 #   experiments/gpu.sh DATA_DIR --smoke    every stage at a tiny size on the CPU (gloo instead of NCCL), in minutes
+#   experiments/gpu.sh DATA_DIR [--full] --plan   only the plan and its estimate (any machine), then stop
 #
 # DATA_DIR holds cifar10, miniimagenet32, mnist, usps, mnistm and imagenette128, each as NAME.tar.gz or as an
 # unpacked NAME/{train,val}/<class>/ folder. Nothing is downloaded: the machine may be offline.
 # Environment: PYTHON (default python3); WHEELS, a folder of wheels installed first (--no-deps --no-index), for a
 # version the machine's own must not stand in for; ISOMIX_RESULTS and ISOMIX_STATE, where result files and run
 # state (caches, checkpoints) go (default experiments/results and output/experiments); TFLOPS, the sustained
-# throughput the estimate assumes (150 with bf16 autocast, 90 without); BUDGET, seconds the study stages may run in the 8-minute plan (330):
+# throughput the estimate assumes (150 with bf16 autocast, 90 without); BUDGET, seconds the study stages may run in the 8-minute plan (300):
 # runs still going then are stopped, keep their last epoch's state and resume on the next call (or --full).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 
-usage() { echo "usage: experiments/gpu.sh DATA_DIR [--full | --smoke]" >&2; exit 2; }
+usage() { echo "usage: experiments/gpu.sh DATA_DIR [--full | --smoke] [--plan]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 DATA_DIR=$1; shift
 MODE=fast
+PLAN_ONLY=0
 for arg in "$@"; do
     case $arg in
         --full) MODE=full ;;
         --smoke) MODE=smoke ;;
-        *) echo "gpu.sh: error: unknown option $arg; expected --full or --smoke" >&2; usage ;;
+        --plan) PLAN_ONLY=1 ;;
+        *) echo "gpu.sh: error: unknown option $arg; expected --full, --smoke or --plan" >&2; usage ;;
     esac
 done
 [ -d "$DATA_DIR" ] || { echo "gpu.sh: error: DATA_DIR $DATA_DIR is not a folder (it holds the datasets' .tar.gz or folders)" >&2; exit 2; }
@@ -50,17 +53,17 @@ if [ "$installed" != "$ROOT" ]; then
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
         || echo "gpu.sh: warning: the editable install failed; running from the checkout (its root is on the path)"
 fi
-"$PY" - "$MODE" <<'PYEOF' || exit 2
+"$PY" - "$MODE" "$PLAN_ONLY" <<'PYEOF' || exit 2
 import sys
 import torch, torchvision, timm
 from importlib.metadata import version
-mode = sys.argv[1]
+mode, plan_only = sys.argv[1], sys.argv[2] == '1'
 print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, '
       f'CUDA {torch.version.cuda}, device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}')
 if tuple(int(p) for p in timm.__version__.split('.')[:3]) < (1, 0, 12):
     sys.exit(f'gpu.sh: error: timm {timm.__version__} is older than 1.0.12: bring its wheel '
              f'(pip download timm --no-deps -d wheels) and set WHEELS=wheels')
-if mode != 'smoke' and not torch.cuda.is_available():
+if mode != 'smoke' and not plan_only and not torch.cuda.is_available():
     sys.exit('gpu.sh: error: CUDA is not available on this machine; --smoke runs every stage on the CPU')
 try:
     import matplotlib  # noqa: F401
@@ -100,7 +103,7 @@ case $MODE in
         BENCH=(--reps 3 --compile none)
         TRAIN=(--epochs 2 --warmup-epochs 1 -b 64 --img-size 128 --workers 8)
         PER_CLASS=(100 50)
-        BUDGET=${BUDGET:-330} ;;
+        BUDGET=${BUDGET:-300} ;;
     full)
         STAGES=("reuse-cifar10:full:*:0,1,2" "reuse-miniimagenet32:full:*:0,1,2"
                 "multitask-digits-cifar10:full:*:0,1,2" "transfer-mnistm:full:*:0,1,2")
@@ -128,7 +131,7 @@ for i in "${!STAGES[@]}"; do SPECS+=("${STAGES[$i]}${FLAGS[$i]:++${FLAGS[$i]}}")
 [ "$MODE" = smoke ] && BENCH_JSON=$RESULTS/benchmark-cpu-smoke.json || BENCH_JSON=$RESULTS/benchmark-gpu.json
 
 echo "== plan ($MODE): results in $RESULTS, state in $STATE"
-echo "  1. data: unpack and decode every dataset the studies read, once (about 30 s on 16 cores)"
+echo "  1. data: unpack and decode every dataset the studies read, once, a process per study (about 40 s on 16 cores)"
 echo "  2. benchmark, alone on the device: python -m timm_isomix.tools.benchmark ${BENCH[*]} (about 90 s; 4 min with compile)"
 echo "  3. at once, one process per run ($PRECISION), and torchrun beside them:"
 for spec in "${SPECS[@]}"; do echo "     $spec"; done
@@ -136,8 +139,21 @@ echo "     torchrun --nproc_per_node=1 train.py -c hparams/isomix_resnet50_in1k.
 [ "$BUDGET" -gt 0 ] && echo "     stopped after $BUDGET s; an unfinished run resumes from its last epoch on the next call"
 echo "  4. reports: python -m experiments report / experiments.task_report at each stage's scale"
 echo "== estimate (training FLOPs of each stage from its models' MACs, at an assumed $TFLOPS TFLOP/s):"
-"$PY" -m experiments.gpu_plan plan --prepare --tflops "$TFLOPS" --json "$RUN/plan.json" "${SPECS[@]}"
-echo "  (data ready after $(elapsed) s)"
+if [ "$PLAN_ONLY" = 1 ]; then
+    "$PY" -m experiments.gpu_plan plan --tflops "$TFLOPS" --json "$RUN/plan.json" "${SPECS[@]}"
+    exit 0
+fi
+PREP=()
+if [ "$(nproc)" -gt 4 ]; then  # one process per stage: the datasets decode in parallel
+    for spec in "${SPECS[@]}"; do
+        "$PY" -m experiments.gpu_plan prepare "$spec" > "$RUN/prepare-${spec%%:*}.log" 2>&1 & PREP+=($!)
+    done
+else  # a few cores: one process, no imports in parallel
+    "$PY" -m experiments.gpu_plan prepare "${SPECS[@]}" > "$RUN/prepare-all.log" 2>&1 & PREP+=($!)
+fi
+for pid in "${PREP[@]}"; do wait "$pid" || { echo "gpu.sh: error: preparing the data failed (logs: $RUN/prepare-*.log)" >&2; exit 1; }; done
+"$PY" -m experiments.gpu_plan plan --tflops "$TFLOPS" --json "$RUN/plan.json" "${SPECS[@]}"
+echo "  (data ready and plan made after $(elapsed) s)"
 
 # ---- 2. the benchmark's GPU mode, alone, so that no training run shares the device while it times
 t=$(date +%s)

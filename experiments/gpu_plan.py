@@ -1,7 +1,9 @@
 """The plan of experiments/gpu.sh: which runs it makes, what they cost, and the data they need.
 
     python -m experiments.gpu_plan plan [--prepare] STAGE...   # the runs, their training FLOPs, estimated GPU time
+    python -m experiments.gpu_plan prepare STAGE...            # decode the datasets the stages read, once
     python -m experiments.gpu_plan scales STAGE...             # each stage's study, scale name and kind
+    python -m experiments.gpu_plan measure --json FILE         # training throughput of the full trunk here
 
 A STAGE is `STUDY:PRESET:CONFIGS:SEEDS` (CONFIGS and SEEDS comma-separated, `*` for all the study's
 configurations), optionally followed by flags as `experiments run` takes them after a `+`:
@@ -188,14 +190,60 @@ def prepare(stages: Sequence[Stage]) -> None:
                     task_data(t, split, 32, t.get(key, getattr(scale, key)))
 
 
+def measure(steps: int = 5, warmup: int = 3, batch_size: int = 32) -> Dict[str, Any]:
+    """Training steps of reuse-cifar10's full-size configurations on this machine's default device (AdamW,
+    random batches): the median step, images/s and the FLOP rate by the same arithmetic as the plan."""
+    import statistics
+    import time
+    import timm
+    import torch
+    from timm_isomix.tasks.fit import default_device
+    from timm_isomix.tools.summary import count_macs
+    study = STUDIES['reuse-cifar10']
+    full, device, out = study.presets['full'], default_device(), {}
+    for name in ('reuse2', 'unshared-depth8'):
+        config = merge_config(study.configs[name], full.overrides)
+        model = timm.create_model(config['model'], num_classes=10, **config['model_kwargs'])
+        macs = count_macs(model, (3, 32, 32))
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x, y = torch.randn(batch_size, 3, 32, 32, device=device), torch.randint(0, 10, (batch_size,), device=device)
+        times = []
+        for _ in range(warmup + steps):
+            began = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # waits for the device
+            times.append(time.perf_counter() - began)
+        step = statistics.median(times[warmup:])
+        out[name] = {'macs': macs, 'step_s': step, 'images_per_s': batch_size / step,
+                     'tflops': 6 * macs * batch_size / step / 1e12}
+    import os
+    return {'device': str(device), 'threads': torch.get_num_threads(), 'batch_size': batch_size,
+            'load_average': os.getloadavg(), 'cases': out}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog='python -m experiments.gpu_plan', description=__doc__.split('\n\n')[0])
-    p.add_argument('command', choices=('plan', 'scales'))
-    p.add_argument('stages', nargs='+', metavar='STAGE')
+    p.add_argument('command', choices=('plan', 'prepare', 'scales', 'measure'))
+    p.add_argument('stages', nargs='*', metavar='STAGE')
     p.add_argument('--tflops', type=float, default=DEFAULT_TFLOPS, help='assumed sustained throughput (TFLOP/s)')
     p.add_argument('--json', default=None, help='also write the plan here')
     p.add_argument('--prepare', action='store_true', help='first decode every dataset the stages read (once)')
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # STAGEs after the options, too
+    if args.command == 'measure':
+        result = measure()
+        for name, case in result['cases'].items():
+            print(f'{name}: {case["step_s"]:.3f} s per step of {result["batch_size"]}, {case["images_per_s"]:.1f} '
+                  f'images/s, {case["tflops"] * 1e3:.1f} GFLOP/s on {result["device"]} ({result["threads"]} threads)')
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
+    if not args.stages:
+        p.error('plan, prepare and scales need at least one STAGE')
     try:
         stages = [parse_stage(s) for s in args.stages]
     except (KeyError, ValueError) as e:
@@ -206,8 +254,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             kind = 'single' if stage.study.run.__name__ == 'train_classifier' else 'task'
             print(stage.study.name, stage.study.scale_name(stage.scale(), stage.preset), kind)
         return 0
-    if args.prepare:
+    if args.prepare or args.command == 'prepare':
         prepare(stages)
+        if args.command == 'prepare':
+            return 0
     rows, total = [], 0.
     for stage in stages:
         row = stage_runs(stage)
