@@ -117,9 +117,26 @@ def _run_flags(study: Study, scale: str) -> str:
     if scale == 'cpu':
         return ''
     record = next(r for rs in finished_runs(study.name, scale).values() for r in rs.values())
-    default = dataclasses.asdict(study.scale)
-    return ''.join(f' --{k.replace("_", "-")} {"all" if v is None else v}'
-                   for k, v in record['scale_fields'].items() if v != default.get(k))
+    preset = record.get('preset')  # a preset's scale: its name, then the fields overridden on top of it
+    default = dataclasses.asdict(study.base_scale(preset))
+    return (f' --preset {preset}' if preset else '') + ''.join(
+        f' --{k.replace("_", "-")} {"all" if v is None else v}'
+        for k, v in record['scale_fields'].items() if k != 'overrides' and v != default.get(k))
+
+
+def _preset_lines(study: Study, scale: str, rows: List[Dict[str, Any]]) -> List[str]:
+    """For a preset's scale: what the preset changes in every configuration, and the configurations with fewer
+    than 3 seeds (experiments/gpu.sh's 8-minute plan runs one seed)."""
+    record = next(r for rs in finished_runs(study.name, scale).values() for r in rs.values())
+    if not record.get('preset'):
+        return []
+    preset = study.base_scale(record['preset'])
+    lines = [f'Preset `{record["preset"]}`: every configuration with `{json.dumps(preset.overrides)}` merged in.']
+    few = [f'`{r["config"]}` ({r["n"]})' for r in rows if r['n'] < 3]
+    if few:
+        lines.append(f'Fewer than 3 seeds so far, for lack of time (experiments/gpu.sh runs seed 0 in its 8-minute plan, '
+                     f'seeds 0 to 2 with --full): {", ".join(few)}.')
+    return lines
 
 
 def _verdict_lines(study: Study, scale: str) -> List[str]:
@@ -141,6 +158,7 @@ def report_text(study: Study, scale: str = 'cpu') -> str:
     parts = [f'# {study.name} ({scale})', study.description]
     if scale != 'cpu':
         parts.append(f'This scale differs from the study\'s default in:{_run_flags(study, scale)}.')
+        parts += _preset_lines(study, scale, rows)
     parts.append(markdown_table(study, rows))
     if study.name in PIVOTS:
         parts.append(_pivot(study, rows, PIVOTS[study.name]))
