@@ -68,7 +68,7 @@ if mode != 'smoke' and not plan_only and not torch.cuda.is_available():
 try:
     import matplotlib  # noqa: F401
 except ImportError:
-    print('gpu.sh: warning: no matplotlib: the reports get their tables, not their figures')
+    print('gpu.sh: warning: no matplotlib: the runs write their result files, the reports (with figures) need it')
 PYEOF
 
 # ---- precision of the studies' in-memory loop (timm_isomix.tasks.fit): channels_last, and bf16 autocast when an
