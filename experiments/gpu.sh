@@ -199,6 +199,7 @@ for i in "${!STAGES[@]}"; do
     launch "$study" "$RUN/$study.log" "$PY" -m experiments run "$study" --preset "$preset" "${cfg[@]}" \
         --seeds ${seeds//,/ } --jobs "$jobs" --threads 1 ${FLAGS[$i]}
 done
+rm -rf "$STATE/train/gpu-in1k-recipe-$MODE"  # train.py would write a rerun beside it under another name
 # torchrun, as `python -m torch.distributed.run` (the same program) so that it is the chosen interpreter's. One
 # process is not distributed to timm (WORLD_SIZE 1), and its loader takes the recipe's repeated augmentation only
 # when distributed: --aug-repeats 0 here, the rest of the recipe as written (AMP, channels_last, LAMB, BCE, mixup).
