@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, register_notrace_module
 
+from .blocks import run_mixed
+
 __all__ = ['TemplateBank', 'Mixture', 'Schedule', 'RoutedLayer', 'run_routed', 'cyclic_order', 'order_logits',
            'INIT_LOGIT', 'SHARP_LOGIT', 'MIXTURE_INITS']
 
@@ -188,16 +190,21 @@ class Mixture(nn.Module):
         cacheable = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if not cacheable:
             self._cache = None
-            alpha = torch.softmax(self.logits / self.temperature, dim=-1).to(weight.dtype)
-            return alpha @ weight, alpha @ affine
+            return self._mix(weight, affine)
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (weight, affine, self.logits))
         key += (torch.is_inference_mode_enabled(),)
         if self._cache is None or self._cache[0] != key:
             if self.logits.device.type != 'meta' and not torch.isfinite(self.logits).all():
                 raise ValueError(f'mixture logits are not finite: {self.logits.tolist()}')
-            alpha = torch.softmax(self.logits / self.temperature, dim=-1).to(weight.dtype)
-            self._cache = (key, (alpha @ weight, alpha @ affine))
+            self._cache = (key, self._mix(weight, affine))
         return self._cache[1]
+
+    def _mix(self, weight: torch.Tensor, affine: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # in the bank's precision even under autocast: the rows are parameters, which autocast casts where they
+        # are used (a conv), and normalization takes its scale and shift in float32
+        with torch.autocast(weight.device.type, enabled=False):
+            alpha = torch.softmax(self.logits / self.temperature, dim=-1).to(weight.dtype)
+            return alpha @ weight, alpha @ affine
 
     def train(self, mode: bool = True):
         self._cache = None
@@ -325,6 +332,14 @@ class Schedule(nn.Module):
             raise ValueError(f'{len(rates)} drop-path rates given for {mixture.num_layers} layers')
         self.layers = nn.ModuleList([self.layer_fn(drop_path=r, device=device, dtype=dtype) for r in rates])
         self.grad_checkpointing = False
+        # soft schedules in training: mix each layer's row when it runs and again in backward (blocks.run_mixed)
+        # instead of keeping all L rows from forward to backward
+        self.recompute_rows = True
+
+    def _trains_mixed(self, x) -> bool:
+        """Whether this forward runs a soft mixture under autograd, eagerly (not traced, scripted or compiled)."""
+        return (not self.mixture.is_hard and torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy)
+                and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
 
     @property
     def num_layers(self) -> int:
@@ -352,6 +367,9 @@ class Schedule(nn.Module):
         if (route is not None) != self.routed:
             raise ValueError('a routed schedule runs with a route, and only a routed schedule takes one'
                              f' (routed={self.routed}, route given: {route is not None})')
+        if self.recompute_rows and route is None and self._trains_mixed(x):
+            return run_mixed(self.layers[:end], x, bank.unflatten, self.mixture.alpha(), bank.weight, bank.affine,
+                             take, self.grad_checkpointing)
         num_rows = bank.num_templates if self.mixture.is_hard else self.mixture.num_layers
         weight, affine = self.mixture(bank.weight, bank.affine)  # unpacked first: FX can unpack, not star-expand
         rows_params = bank.unflatten_rows(weight, affine, num_rows)

@@ -6,22 +6,33 @@ kernels and normalization scale/shift arrive at call time as `params`, a dict of
 like the parameters of timm's block of the same name (`conv1.weight`, `bn1.weight`, ...), mixed from
 the bank or taken from one template. The computation is the same as timm's `BasicBlock` and
 `Bottleneck` with stride 1 and an identity shortcut, so their weights run here unchanged.
+
+`run_mixed` runs a soft schedule's layers in training without keeping their mixed rows (see there).
 """
-from typing import Dict, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath
 
-__all__ = ['BasicLayer', 'BottleneckLayer', 'batch_norm']
+__all__ = ['BasicLayer', 'BottleneckLayer', 'batch_norm', 'run_mixed']
 
 
 def batch_norm(x: torch.Tensor, stats: nn.BatchNorm2d, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """BatchNorm with this layer's statistics and the bank's (mixed) scale and shift, in one fused op."""
+    """BatchNorm with this layer's statistics and the bank's (mixed) scale and shift, in one fused op.
+
+    The scale and shift run in the statistics' dtype (float32 under autocast, as nn.BatchNorm2d's own
+    parameters do), whatever precision they were mixed in; the input may be float16 or bfloat16.
+    """
+    mean = stats.running_mean
+    if mean is not None and weight is not None:  # a no-op where the dtypes agree
+        weight, bias = weight.to(mean.dtype), bias.to(mean.dtype)
     return F.batch_norm(
-        x, stats.running_mean, stats.running_var, weight, bias,
+        x, mean, stats.running_var, weight, bias,
         stats.training or not stats.track_running_stats, stats.momentum, stats.eps)
 
 
@@ -123,3 +134,157 @@ class BottleneckLayer(nn.Module):
         x = self.drop_path(batch_norm(x, self.bn3, params['bn3.weight'], params['bn3.bias']))
         x += shortcut  # in place, as timm's blocks (see BasicLayer)
         return self.act3(x)
+
+
+# Column block of the row gradients stacked at a time (elements): the batched backward of `run_mixed` never
+# holds an (L, P) copy of them, only (L, _GRAD_BLOCK / L) at a time.
+_GRAD_BLOCK = 2 ** 20
+
+
+class _LayerRows:
+    """One training forward of a soft schedule: mixes each layer's row when the layer runs, mixes it again when
+    backward needs it, and gathers the rows' gradients for one batched product (see run_mixed)."""
+
+    def __init__(self, alpha: torch.Tensor, weight: torch.Tensor, affine: torch.Tensor):
+        self.alpha, self.weight, self.affine = alpha.detach(), weight.detach(), affine.detach()
+        self.versions = (weight._version, affine._version)
+        device = weight.device.type
+        autocast = device in ('cpu', 'cuda') and torch.is_autocast_enabled(device)
+        # the kernels run in autocast's dtype (as a conv casts its weight); scale and shift stay in the bank's
+        self.dtypes = (torch.get_autocast_dtype(device) if autocast else weight.dtype, affine.dtype)
+        self.pending: Dict[int, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+
+    def mix(self, l: int, group: int, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        """Columns start:end of layer l's mixed row of `group` (0: kernels, 1: scale and shift), float32 math."""
+        if (self.weight._version, self.affine._version) != self.versions:
+            raise RuntimeError('the template bank was modified in place between a forward and its backward')
+        source = (self.weight, self.affine)[group]
+        with torch.autocast(source.device.type, enabled=False):
+            row = self.alpha[l].to(source.dtype) @ source[:, start:end]
+        return row.to(self.dtypes[group])
+
+    def gradients(self, need: Sequence[bool]) -> List[Optional[torch.Tensor]]:
+        """Gradients of alpha, the bank's weight and affine rows from every layer's row gradient."""
+        pending, self.pending = self.pending, {}
+        index = sorted(pending)
+        grad_alpha = torch.zeros_like(self.alpha) if need[0] else None
+        out: List[Optional[torch.Tensor]] = [grad_alpha, None, None]
+        if not index:
+            return out
+        alpha = self.alpha[index]
+        for group, source in enumerate((self.weight, self.affine)):
+            rows = [pending[l][group] for l in index]
+            if all(r is None for r in rows) or not (need[0] or need[1 + group]):
+                continue
+            rows = [torch.zeros_like(source[0]) if r is None else r for r in rows]
+            grad = torch.empty_like(source) if need[1 + group] else None
+            step = max(1, _GRAD_BLOCK // len(index))
+            for start in range(0, source.shape[1], step):
+                g = torch.stack([r[start:start + step] for r in rows]).to(source.dtype)  # (n, block)
+                if grad is not None:
+                    grad[:, start:start + step] = alpha.t() @ g
+                if grad_alpha is not None:
+                    grad_alpha[index] += g @ source[:, start:start + step].t()
+            out[1 + group] = grad
+        return out
+
+
+class _BankGradient(torch.autograd.Function):
+    """Joins one forward's layer rows to alpha and the bank: its backward runs after every layer's has,
+    and turns their row gradients into the gradients of alpha and of the bank in one batched product."""
+
+    @staticmethod
+    def forward(ctx, alpha, weight, affine, rows: _LayerRows):
+        ctx.rows = rows
+        ctx.set_materialize_grads(False)
+        return alpha.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _):
+        return (*ctx.rows.gradients(ctx.needs_input_grad[:3]), None)
+
+
+class _LayerRow(torch.autograd.Function):
+    """Layer l's mixed kernel and affine rows; its backward only hands their gradients to the rows' gather."""
+
+    @staticmethod
+    def forward(ctx, handle, rows: _LayerRows, l: int):
+        ctx.rows, ctx.l = rows, l
+        ctx.set_materialize_grads(False)
+        with torch.profiler.record_function(MIX_LABEL):
+            return rows.mix(l, 0), rows.mix(l, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_weight, grad_affine):
+        ctx.rows.pending[ctx.l] = (grad_weight, grad_affine)
+        return None, None, None
+
+
+MIX_LABEL = 'isomix::mix'  # profiler label of every mixing product run_mixed runs (forward and recomputation)
+
+
+class _Recompute:
+    """A saved tensor that is a view into a layer's mixed row, stored as where it lies in that row."""
+
+    def __init__(self, rows: _LayerRows, l: int, group: int, t: torch.Tensor, base: int):
+        self.rows, self.l, self.group = rows, l, group
+        self.offset, self.shape, self.stride = t.storage_offset() - base, t.shape, t.stride()
+
+    def tensor(self) -> torch.Tensor:
+        extent = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if all(self.shape) else 0
+        with torch.profiler.record_function(MIX_LABEL):
+            part = self.rows.mix(self.l, self.group, self.offset, self.offset + extent)
+        return part.as_strided(self.shape, self.stride)
+
+
+def run_mixed(
+        layers: Sequence[nn.Module],
+        x: torch.Tensor,
+        unflatten,
+        alpha: torch.Tensor,
+        weight: torch.Tensor,
+        affine: torch.Tensor,
+        take: Sequence[int] = (),
+        grad_checkpointing: bool = False,
+):
+    """A soft schedule's layers in training, without keeping their mixed rows for backward.
+
+    Layer l's row theta_l = alpha_l @ T is mixed when the layer runs and freed when it is done; what the layer's
+    backward needs of it (its kernels and scale) is mixed again from alpha and the bank, the columns it needs
+    only (saved-tensor hooks). The rows' gradients wait for one batched product into the gradients of alpha
+    and the bank (`_BankGradient`), computed in column blocks. So a soft schedule holds in training what a hard
+    order holds: the activations, and the bank and its gradient, at the price of a second mixing product.
+    `unflatten(weight_row, affine_row)` gives a layer its parameters as views into its rows.
+    """
+    rows = _LayerRows(alpha, weight, affine)
+    handle = _BankGradient.apply(alpha, weight, affine, rows)
+    intermediates = []
+
+    def run(l: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        row_w, row_a = _LayerRow.apply(handle, rows, l)
+        return layer(x, unflatten(row_w, row_a))
+
+    for l, layer in enumerate(layers):
+        if grad_checkpointing:  # the checkpoint recomputes the row with the layer
+            x = checkpoint(run, l, layer, x, use_reentrant=False)
+        else:
+            row_w, row_a = _LayerRow.apply(handle, rows, l)
+            own = {r.untyped_storage().data_ptr(): (group, r.storage_offset(), r.dtype)
+                   for group, r in enumerate((row_w, row_a))}
+
+            def pack(t: torch.Tensor, l=l, own=own):
+                hit = own.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+                return t if hit is None or hit[2] != t.dtype else _Recompute(rows, l, hit[0], t, hit[1])
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+                x = layer(x, unflatten(row_w, row_a))
+            del row_w, row_a
+        if l in take:
+            intermediates.append(x)
+    return (x, intermediates) if take else x
+
+
+def _unpack(saved):
+    return saved.tensor() if isinstance(saved, _Recompute) else saved

@@ -22,7 +22,7 @@ class Case:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     hard: bool = False              # replace the mixtures by their cyclic hard order (no mixing)
     reference: Optional[str] = None  # name of the case this one is compared with
-    role: str = 'reference'         # soft1, hard1, reuse2, iso: which target applies
+    role: str = 'reference'         # soft1, hard1, reuse2, iso, iso_hard: which target applies
     peer: Optional[str] = None      # a second reference of the same FLOPs (reported, no target)
 
 
@@ -43,6 +43,7 @@ def make_cases(suite: str = 'resnet50') -> List[Case]:
              peer=f'{resnet} at reuse=2 depth'),
         Case(f'plain {iso}', f'plain_isometric:{iso}'),
         Case(f'{iso} soft', iso, reference=f'plain {iso}', role='iso'),
+        Case(f'{iso} hard', iso, hard=True, reference=f'plain {iso}', role='iso_hard'),
     ]
 
 
