@@ -57,11 +57,11 @@ RESNET50_SOURCE = dict(arch='resnet50', data='miniimagenet32', train_limit=20000
 # The new tasks: the data (training subset, its held-out part for the selection, val subset) and epochs.
 TASKS: Dict[str, Dict[str, Any]] = {
     'mnistm': dict(source='transfer-mnistm', init_from='mnist', data=MNISTM, train_limit=None, heldout=1000,
-                   val_limit=None, epochs=6),
+                   val_limit=None, epochs=3),
     'cifar10': dict(source='transfer-cifar10', init_from='mini0', data=CIFAR10, train_limit=10000, heldout=2000,
-                    val_limit=None, epochs=3),
+                    val_limit=5000, epochs=2),
     'cifar10_r50': dict(source='resnet50', init_from='source', data=CIFAR10, train_limit=5000, heldout=1000,
-                        val_limit=5000, epochs=2),
+                        val_limit=3000, epochs=1),
 }
 SELECT, COMPARE = 'adapters-vs-lora-select', 'adapters-vs-lora-compare'
 
@@ -241,9 +241,9 @@ def _select_configs() -> Dict[str, Dict[str, Any]]:
     return configs
 
 
-_SIZES = ('MNIST-M: 5,001 training images (1,000 of its 6,001 held out), 6 epochs, val 3,000; CIFAR-10 over the '
-          'bank: 8,000 of a 10,000-image subset (2,000 held out), 3 epochs, val 10,000; CIFAR-10 over isomix_resnet50: '
-          '4,000 of a 5,000-image subset (1,000 held out), 2 epochs, val 5,000')
+_SIZES = ('MNIST-M: 5,001 training images (1,000 of its 6,001 held out), 3 epochs, val 3,000; CIFAR-10 over the '
+          'bank: 8,000 of a 10,000-image subset (2,000 held out), 2 epochs, val 5,000; CIFAR-10 over isomix_resnet50: '
+          '4,000 of a 5,000-image subset (1,000 held out), 1 epoch, val 3,000')
 
 register(Study(
     name=SELECT,

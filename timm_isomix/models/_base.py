@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import create_classifier, get_device_dtype
+from timm.layers import create_classifier
 from timm.models._features import FeatureGetterNet  # timm.models exports no public name for it
 
 from ..bank import Mixture
@@ -103,7 +103,8 @@ class IsoMixModel(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        self._init_head(num_classes, global_pool, **get_device_dtype(self))
+        weight = next(self.parameters())  # the new head on the model's device and dtype
+        self._init_head(num_classes, global_pool, device=weight.device, dtype=weight.dtype)
         self.global_pool.train(self.training)
         getattr(self, self.classifier_name).train(self.training)
 
