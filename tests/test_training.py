@@ -69,6 +69,26 @@ class _FailsToPickle:
         raise RuntimeError('disk full (simulated in pickling)')
 
 
+@pytest.mark.parametrize('bce', [False, True])
+@pytest.mark.parametrize('smoothing', [0., 0.1])
+@pytest.mark.parametrize('soft_targets', [False, True])
+def test_training_loss_built_without_timms_factory_is_the_factorys(monkeypatch, bce, smoothing, soft_targets):
+    """Older timm has no create_classification_loss: the loss built from timm's classes gives its values."""
+    import argparse
+    import timm.loss
+    from timm_isomix.train.run import classification_loss
+    if not hasattr(timm.loss, 'create_classification_loss'):
+        pytest.skip(f'timm {timm.__version__} has no create_classification_loss to compare with')
+    args = argparse.Namespace(bce_loss=bce, smoothing=smoothing, bce_target_thresh=0.2 if bce else None,
+                              bce_sum=bce, bce_pos_weight=None)
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5)
+    target = torch.softmax(torch.randn(6, 5), -1) if soft_targets else torch.tensor([0, 1, 2, 3, 4, 0])
+    expected = classification_loss(args, soft_targets)(logits, target)
+    monkeypatch.delattr(timm.loss, 'create_classification_loss')
+    assert torch.allclose(classification_loss(args, soft_targets)(logits, target), expected, atol=1e-6)
+
+
 def test_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / 'last.pth.tar'
     atomic_save({'epoch': 1, 'w': torch.ones(3)}, str(path))

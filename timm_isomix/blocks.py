@@ -9,6 +9,7 @@ the bank or taken from one template. The computation is the same as timm's `Basi
 
 `run_mixed` runs a soft schedule's layers in training without keeping their mixed rows (see there).
 """
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -19,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath
 
-__all__ = ['BasicLayer', 'BottleneckLayer', 'batch_norm', 'run_mixed']
+__all__ = ['BasicLayer', 'BottleneckLayer', 'batch_norm', 'no_autocast', 'run_mixed']
 
 
 def batch_norm(x: torch.Tensor, stats: nn.BatchNorm2d, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -141,6 +142,13 @@ class BottleneckLayer(nn.Module):
 _GRAD_BLOCK = 2 ** 20
 
 
+def no_autocast(device_type: str):
+    """Autocast off for `device_type`; nothing to turn off on devices autocast does not know (meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _LayerRows:
     """One training forward of a soft schedule: mixes each layer's row when the layer runs, mixes it again when
     backward needs it, and gathers the rows' gradients for one batched product (see run_mixed)."""
@@ -149,7 +157,7 @@ class _LayerRows:
         self.alpha, self.weight, self.affine = alpha.detach(), weight.detach(), affine.detach()
         self.versions = (weight._version, affine._version)
         device = weight.device.type
-        autocast = device in ('cpu', 'cuda') and torch.is_autocast_enabled(device)
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
         # the kernels run in autocast's dtype (as a conv casts its weight); scale and shift stay in the bank's
         self.dtypes = (torch.get_autocast_dtype(device) if autocast else weight.dtype, affine.dtype)
         self.pending: Dict[int, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
@@ -159,7 +167,7 @@ class _LayerRows:
         if (self.weight._version, self.affine._version) != self.versions:
             raise RuntimeError('the template bank was modified in place between a forward and its backward')
         source = (self.weight, self.affine)[group]
-        with torch.autocast(source.device.type, enabled=False):
+        with no_autocast(source.device.type):
             row = self.alpha[l].to(source.dtype) @ source[:, start:end]
         return row.to(self.dtypes[group])
 

@@ -25,7 +25,7 @@ import yaml
 import timm
 from timm.data import ImageDataset, Mixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
-from timm.loss import create_classification_loss
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, random_seed, trim_summary, update_summary
 
@@ -180,6 +180,23 @@ def _restore(ckpt: Optional[Dict[str, Any]], args: argparse.Namespace, model: nn
     return int(ckpt.get('epoch', -1)) + 1
 
 
+def classification_loss(args: argparse.Namespace, soft_targets: bool) -> nn.Module:
+    """timm train.py's training loss: timm's `create_classification_loss` where timm has it (1.0.31 on), else
+    the same choice built from timm's loss classes, as its train.py did before."""
+    import timm.loss
+    create = getattr(timm.loss, 'create_classification_loss', None)
+    if create is not None:
+        return create(loss_type='bce' if args.bce_loss else None, smoothing=args.smoothing, soft_targets=soft_targets,
+                      bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if args.bce_loss:  # Mixup/CutMix targets come smoothed already
+        return BinaryCrossEntropy(smoothing=0. if soft_targets else args.smoothing,
+                                  target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                                  pos_weight=args.bce_pos_weight)
+    if soft_targets:
+        return SoftTargetCrossEntropy()
+    return LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
+
+
 def _create_loaders(args, data_config, dataset_train, dataset_eval, device, num_classes):
     """Train and eval loaders with timm's augmentation flags, and the mixup/cutmix function (or None)."""
     mixup_fn = None
@@ -257,9 +274,7 @@ class _Run:
         start_epoch = self._setup_training(model, resume_ckpt)
         self.loader_train, self.loader_eval, self.mixup_fn = _create_loaders(
             args, self.data_config, dataset_train, dataset_eval, device, self.num_classes)
-        self.train_loss_fn = create_classification_loss(
-            loss_type='bce' if args.bce_loss else None, smoothing=args.smoothing, soft_targets=self.mixup_fn is not None,
-            bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight).to(device)
+        self.train_loss_fn = classification_loss(args, soft_targets=self.mixup_fn is not None).to(device)
         self.eval_loss_fn = nn.CrossEntropyLoss().to(device)
         self.updates_per_epoch = (len(self.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
         self.lr_scheduler, self.num_epochs, self.start_epoch = _create_scheduler(
