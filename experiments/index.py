@@ -32,7 +32,6 @@ from . import studies  # noqa: F401  (registers the studies)
 
 __all__ = ['BLOCKS', 'study_scales', 'results_index', 'refresh', 'out_of_date', 'main']
 
-MIN_SEEDS = 3
 BLOCK = re.compile(r'(?P<open><!-- generated: (?P<kind>[\w-]+)(?: (?P<arg>[\w.-]+))? -->\n)(?P<body>.*?)'
                    r'(?P<close><!-- end generated -->)', re.S)
 DOCS = REPO_ROOT / 'docs'
@@ -44,7 +43,8 @@ def _link(target: Path, base: Path) -> str:
 
 
 def study_scales() -> List[tuple]:
-    """(study, scale, complete) for every scale folder holding result files; complete: >= 3 seeds per configuration."""
+    """(study, scale, complete) for every scale folder holding result files; complete: the study's seeds (3, or
+    1 for a selection study) for every configuration."""
     out = []
     # the verdicts' order (the papers' claims), then any other study: the same order whatever registers first
     for name in [*(s for s in VERDICTS if s in STUDIES), *sorted(set(STUDIES) - set(VERDICTS))]:
@@ -52,7 +52,7 @@ def study_scales() -> List[tuple]:
         for scale in sorted(d.name for d in folder.glob('*') if d.is_dir()) if folder.is_dir() else []:
             runs = finished_runs(name, scale)
             if runs:
-                out.append((name, scale, all(len(seeds) >= MIN_SEEDS for seeds in runs.values())))
+                out.append((name, scale, all(len(seeds) >= STUDIES[name].min_seeds for seeds in runs.values())))
     return out
 
 
@@ -118,14 +118,23 @@ def results_index(base: Path = DOCS) -> str:
                                    f'**{v.verdict.capitalize()}.** {v.sentence(results, scale)}')
         if entries:
             parts += [f'## {words[0].upper()}{words[1:]}', '\n'.join(entries)]
-    waiting = [(s, c, complete) for s, c, complete in scales if not complete or not verdicts_of(s, c)]
+    other = [(s, c) for s, c, complete in scales if complete and not verdicts_of(s, c)]
+    if other:  # studies that measure the library rather than test a claim
+        lines = []
+        for study, scale in other:
+            folder = LINKED / study / scale
+            pages = [p for p in ('comparison.md', 'report.md') if (folder / p).is_file()]
+            link = f'[{pages[0]}]({_link(folder / pages[0], base)})' if pages else \
+                f'[result files]({_link(folder, base)}/)'
+            lines.append(f'- `{study}` at scale `{scale}` ({link}): {STUDIES[study].description}')
+        parts += ['## Other studies', '\n'.join(lines)]
+    waiting = [(s, c) for s, c, complete in scales if not complete]
     if waiting:
         lines = []
-        for study, scale, complete in waiting:
+        for study, scale in waiting:
             folder = _link(LINKED / study / scale, base)
-            state = 'in progress: fewer than 3 seeds per configuration' if not complete else \
-                'complete; no verdict recorded yet (`experiments/verdicts.py`)'
-            lines.append(f'- `{study}` at scale `{scale}`: {state} ([result files]({folder}/)).')
+            lines.append(f'- `{study}` at scale `{scale}`: in progress: fewer than {STUDIES[study].min_seeds} seeds '
+                         f'per configuration ([result files]({folder}/)).')
         parts += ['## In progress', '\n'.join(lines)]
     return '\n\n'.join(parts) + '\n'
 
@@ -264,7 +273,34 @@ def _benchmark_targets(base: Path, name: str) -> str:
     for t in data['targets']:
         met = 'n/a' if t['met'] is None else ('met' if t['met'] else 'missed')
         value = '–' if t['value'] is None else f'{t["value"]:.3f}'
-        lines.append(f'| {t["target"]} | {value} | ≥ {t["threshold"]:g} | {met} |')
+        lines.append(f'| {t["target"]} | {value} | {"≤" if t.get("at_most") else "≥"} {t["threshold"]:g} | {met} |')
+    return '\n'.join(lines)
+
+
+def _speed_gap(base: Path, name: str) -> str:
+    """experiments/speed_gap.py's result: per allocator, protocol and model, the median step and its ratio."""
+    data = json.loads((results_root() / name).read_text())
+    lines = [f'`{data["command"]}` ([`{name}`]({_link(LINKED / name, base)})):', '',
+             '| allocator | protocol | model | step s | ratio | per launch | sys s/step | page-faulted MB/step |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in data['summary']:
+        launches = ', '.join(f'{v:.3f}' for v in r['ratio_per_launch'])
+        lines.append(f"| {r['allocator']} | {r['protocol']} | {r['model']} | {r['step_s']:.3f} | {r['ratio']:.3f} | "
+                     f"{launches} | {r['system_s']:.3f} | {r['fault_mb']:.0f} |")
+    return '\n'.join(lines)
+
+
+def _memory_parity(base: Path, name: str) -> str:
+    """experiments/memory_parity.py's result: the median peak of each model and the ratios to its reference."""
+    data = json.loads((results_root() / name).read_text())
+    lines = [f'`{data["command"]}` ([`{name}`]({_link(LINKED / name, base)})):', '',
+             '| model | peak MB (median) | launches | / reference | ratio | ≤ 1.05 |', '|---|---|---|---|---|---|']
+    ratios = {r['model']: r for r in data['ratios']}
+    for model, peak in data['median_mb'].items():
+        r = ratios.get(model)
+        cells = [r['reference'], f"{r['ratio']:.3f}", 'yes' if r['within'] else 'no'] if r else ['–', '–', '–']
+        launches = ', '.join(f'{v:.0f}' for v in data['peak_mb'][model])
+        lines.append(f'| {model} | {peak:.0f} | {launches} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -272,7 +308,7 @@ BLOCKS: Dict[str, Callable[[Path, Optional[str]], str]] = {
     'models': _models, 'claims': claims_table, 'weights': _weights, 'routing-bench': _routing_bench,
     'tasks-bench': _tasks_bench,
     'benchmark': _benchmark, 'benchmark-targets': _benchmark_targets, 'timm-train-py': _timm_train_py,
-    'main-job': _main_job, 'layout': _layout,
+    'main-job': _main_job, 'layout': _layout, 'speed-gap': _speed_gap, 'memory-parity': _memory_parity,
 }
 
 

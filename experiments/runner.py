@@ -82,6 +82,9 @@ class Study:
     # Named scales beside the CPU default (`--preset NAME`), each stored under its own name: 'full' is the
     # size the literature trains such models at (full training sets, its epochs, GPU batch sizes).
     presets: Dict[str, Scale] = field(default_factory=dict)
+    # seeds per configuration that finish a scale: 1 for a selection study, whose runs choose hyperparameters
+    # for another study and report nothing themselves
+    min_seeds: int = 3
 
     def base_scale(self, preset: Optional[str] = None) -> Scale:
         """The study's default Scale, or that of one of its presets (KeyError naming the presets it has)."""

@@ -121,18 +121,21 @@ def test_the_layout_page_lists_every_module_of_the_library_and_the_workspace():
     assert [p for p in listed if not (ROOT / p).exists()] == []
 
 
-def test_every_study_scale_has_a_verdict_or_is_in_progress():
+def test_every_study_scale_has_a_verdict_or_is_listed_as_another_study_or_in_progress():
     words = {SUPPORTED, NOT_SHOWN, CONTRADICTED}
     assert {v.verdict for scales in VERDICTS.values() for vs in scales.values() for v in vs} <= words
     assert {v.claim for scales in VERDICTS.values() for vs in scales.values() for v in vs} == set(CLAIMS)
     text = (DOCS / 'results.md').read_text()
-    progress = text.split('## In progress')[1] if '## In progress' in text else ''
+    sections = {part.split('\n', 1)[0]: part for part in re.split(r'^## ', text, flags=re.M)}
+    other, progress = sections.pop('Other studies', ''), sections.pop('In progress', '')
+    claims = '\n'.join(sections.values())
     for study, scale, complete in index.study_scales():
-        link = f'{study}/{scale}/'
-        if complete and VERDICTS.get(study, {}).get(scale):
-            assert f'{link}report.md' in text.split('## In progress')[0]
+        if not complete:
+            assert f'`{study}` at scale `{scale}`: in progress' in progress
+        elif VERDICTS.get(study, {}).get(scale):
+            assert f'{study}/{scale}/report.md' in claims
         else:
-            assert f'`{study}` at scale `{scale}`' in progress
+            assert f'`{study}` at scale `{scale}` (' in other
 
 
 def test_claims_are_named_in_the_papers_words_not_lettered():

@@ -253,6 +253,7 @@ register(Study(
     run=run_method,
     scale=Scale(epochs=1, train_limit=None, val_limit=None, batch_size=64),
     metrics=('top1', 'trainable', 'file_bytes'),
+    min_seeds=1,
 ))
 
 register(Study(

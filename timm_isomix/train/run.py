@@ -13,6 +13,7 @@ What differs from a plain timm run:
   takes the same path as one that was never stopped (with `-j 0`; worker processes keep their own state).
 """
 import argparse
+import csv
 import importlib
 import logging
 import os
@@ -27,7 +28,8 @@ from timm.data import ImageDataset, Mixup, create_dataset, create_loader, resolv
 from timm.layers import convert_sync_batchnorm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, random_seed, trim_summary, update_summary
+import timm.utils
+from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, random_seed, update_summary
 
 from .. import models  # noqa: F401  (registers the isomix models)
 from .checkpoint import (
@@ -178,6 +180,22 @@ def _restore(ckpt: Optional[Dict[str, Any]], args: argparse.Namespace, model: nn
             loss_scaler.load_state_dict(ckpt['amp_scaler'])
     _logger.info(f'Resumed {args.resume} (epoch {int(ckpt.get("epoch", -1))} done)')
     return int(ckpt.get('epoch', -1)) + 1
+
+
+def trim_summary(filename: str, start_epoch: int) -> None:
+    """Drop summary.csv's rows of epochs >= start_epoch, which a resumed run writes again: timm's trim_summary
+    where timm has it (1.0.31 on), else the same with the csv module."""
+    trim = getattr(timm.utils, 'trim_summary', None)
+    if trim is not None:
+        return trim(filename, start_epoch)
+    if not os.path.exists(filename):
+        return
+    with open(filename, newline='') as f:
+        rows = list(csv.reader(f))
+    keep = [r for r in rows[1:] if r and r[0] != 'epoch' and int(float(r[0])) < start_epoch]
+    if rows and len(keep) < len(rows) - 1:
+        with open(filename, 'w', newline='') as f:
+            csv.writer(f).writerows(rows[:1] + keep if keep else [])
 
 
 def classification_loss(args: argparse.Namespace, soft_targets: bool) -> nn.Module:
