@@ -69,44 +69,6 @@ class _FailsToPickle:
         raise RuntimeError('disk full (simulated in pickling)')
 
 
-@pytest.mark.parametrize('bce', [False, True])
-@pytest.mark.parametrize('smoothing', [0., 0.1])
-@pytest.mark.parametrize('soft_targets', [False, True])
-def test_training_loss_built_without_timms_factory_is_the_factorys(monkeypatch, bce, smoothing, soft_targets):
-    """Older timm has no create_classification_loss: the loss built from timm's classes gives its values."""
-    import argparse
-    import timm.loss
-    from timm_isomix.train.run import classification_loss
-    if not hasattr(timm.loss, 'create_classification_loss'):
-        pytest.skip(f'timm {timm.__version__} has no create_classification_loss to compare with')
-    args = argparse.Namespace(bce_loss=bce, smoothing=smoothing, bce_target_thresh=0.2 if bce else None,
-                              bce_sum=bce, bce_pos_weight=None)
-    torch.manual_seed(0)
-    logits = torch.randn(6, 5)
-    target = torch.softmax(torch.randn(6, 5), -1) if soft_targets else torch.tensor([0, 1, 2, 3, 4, 0])
-    expected = classification_loss(args, soft_targets)(logits, target)
-    monkeypatch.delattr(timm.loss, 'create_classification_loss')
-    assert torch.allclose(classification_loss(args, soft_targets)(logits, target), expected, atol=1e-6)
-
-
-@pytest.mark.parametrize('start_epoch', [0, 2, 5])
-def test_summary_trimmed_without_timms_helper_as_with_it(tmp_path, monkeypatch, start_epoch):
-    import timm.utils
-    from timm_isomix.train.run import trim_summary
-    if not hasattr(timm.utils, 'trim_summary'):
-        pytest.skip(f'timm {timm.__version__} has no trim_summary to compare with')
-    rows = 'epoch,train_loss,eval_top1\n0,2.3,10.0\n1,2.1,12.5\n2,2.0,14.0\n3,1.9,15.5\n'
-    files = []
-    for name in ('timm', 'fallback'):
-        if name == 'fallback':
-            monkeypatch.delattr(timm.utils, 'trim_summary')
-        (tmp_path / name).write_text(rows)
-        trim_summary(str(tmp_path / name), start_epoch)
-        files.append((tmp_path / name).read_text())
-    assert files[0] == files[1]
-    assert files[0].count('\n') == (0 if start_epoch == 0 else 1 + min(start_epoch, 4))
-
-
 def test_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / 'last.pth.tar'
     atomic_save({'epoch': 1, 'w': torch.ones(3)}, str(path))

@@ -157,15 +157,16 @@ def _hub_download(repo_id: str, filename: str, cache_dir: Optional[str]) -> Opti
 
     Connection errors and gated repositories propagate: they do not mean "not published".
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub import errors, hf_hub_download
+    # huggingface_hub < 1.0 has no RemoteEntryNotFoundError: a missing file is its base class there, whose other
+    # subclass (LocalEntryNotFoundError: offline, not cached) is not "not published"
+    missing = getattr(errors, 'RemoteEntryNotFoundError', errors.EntryNotFoundError)
     name, _, revision = repo_id.partition('@')
     try:
         return hf_hub_download(name, filename, revision=revision or None, cache_dir=cache_dir)
-    except GatedRepoError:
+    except (errors.GatedRepoError, errors.LocalEntryNotFoundError):
         raise
-    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, missing):
         return None
 
 

@@ -13,7 +13,6 @@ What differs from a plain timm run:
   takes the same path as one that was never stopped (with `-j 0`; worker processes keep their own state).
 """
 import argparse
-import csv
 import importlib
 import logging
 import os
@@ -26,10 +25,9 @@ import yaml
 import timm
 from timm.data import ImageDataset, Mixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import create_classification_loss
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-import timm.utils
-from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, random_seed, update_summary
+from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, random_seed, trim_summary, update_summary
 
 from .. import models  # noqa: F401  (registers the isomix models)
 from .checkpoint import (
@@ -182,39 +180,6 @@ def _restore(ckpt: Optional[Dict[str, Any]], args: argparse.Namespace, model: nn
     return int(ckpt.get('epoch', -1)) + 1
 
 
-def trim_summary(filename: str, start_epoch: int) -> None:
-    """Drop summary.csv's rows of epochs >= start_epoch, which a resumed run writes again: timm's trim_summary
-    where timm has it (1.0.31 on), else the same with the csv module."""
-    trim = getattr(timm.utils, 'trim_summary', None)
-    if trim is not None:
-        return trim(filename, start_epoch)
-    if not os.path.exists(filename):
-        return
-    with open(filename, newline='') as f:
-        rows = list(csv.reader(f))
-    keep = [r for r in rows[1:] if r and r[0] != 'epoch' and int(float(r[0])) < start_epoch]
-    if rows and len(keep) < len(rows) - 1:
-        with open(filename, 'w', newline='') as f:
-            csv.writer(f).writerows(rows[:1] + keep if keep else [])
-
-
-def classification_loss(args: argparse.Namespace, soft_targets: bool) -> nn.Module:
-    """timm train.py's training loss: timm's `create_classification_loss` where timm has it (1.0.31 on), else
-    the same choice built from timm's loss classes, as its train.py did before."""
-    import timm.loss
-    create = getattr(timm.loss, 'create_classification_loss', None)
-    if create is not None:
-        return create(loss_type='bce' if args.bce_loss else None, smoothing=args.smoothing, soft_targets=soft_targets,
-                      bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
-    if args.bce_loss:  # Mixup/CutMix targets come smoothed already
-        return BinaryCrossEntropy(smoothing=0. if soft_targets else args.smoothing,
-                                  target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
-                                  pos_weight=args.bce_pos_weight)
-    if soft_targets:
-        return SoftTargetCrossEntropy()
-    return LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
-
-
 def _create_loaders(args, data_config, dataset_train, dataset_eval, device, num_classes):
     """Train and eval loaders with timm's augmentation flags, and the mixup/cutmix function (or None)."""
     mixup_fn = None
@@ -292,7 +257,9 @@ class _Run:
         start_epoch = self._setup_training(model, resume_ckpt)
         self.loader_train, self.loader_eval, self.mixup_fn = _create_loaders(
             args, self.data_config, dataset_train, dataset_eval, device, self.num_classes)
-        self.train_loss_fn = classification_loss(args, soft_targets=self.mixup_fn is not None).to(device)
+        self.train_loss_fn = create_classification_loss(
+            loss_type='bce' if args.bce_loss else None, smoothing=args.smoothing, soft_targets=self.mixup_fn is not None,
+            bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight).to(device)
         self.eval_loss_fn = nn.CrossEntropyLoss().to(device)
         self.updates_per_epoch = (len(self.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
         self.lr_scheduler, self.num_epochs, self.start_epoch = _create_scheduler(
