@@ -54,14 +54,15 @@ if [ "$installed" != "$ROOT" ]; then
         || echo "gpu.sh: warning: the editable install failed; running from the checkout (its root is on the path)"
 fi
 "$PY" - "$MODE" "$PLAN_ONLY" <<'PYEOF' || exit 2
+import re
 import sys
 import torch, torchvision, timm
 from importlib.metadata import version
 mode, plan_only = sys.argv[1], sys.argv[2] == '1'
 print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, '
       f'CUDA {torch.version.cuda}, device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}')
-if tuple(int(p) for p in timm.__version__.split('.')[:3]) < (1, 0, 12):
-    sys.exit(f'gpu.sh: error: timm {timm.__version__} is older than 1.0.12: bring its wheel '
+if tuple(int(p) for p in re.findall(r'\d+', timm.__version__)[:3]) < (1, 0, 31):
+    sys.exit(f'gpu.sh: error: timm {timm.__version__} is older than 1.0.31: bring its wheel '
              f'(pip download timm --no-deps -d wheels) and set WHEELS=wheels')
 if mode != 'smoke' and not plan_only and not torch.cuda.is_available():
     sys.exit('gpu.sh: error: CUDA is not available on this machine; --smoke runs every stage on the CPU')

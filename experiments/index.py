@@ -304,11 +304,26 @@ def _memory_parity(base: Path, name: str) -> str:
     return '\n'.join(lines)
 
 
+def _adapters_vs_lora(base: Path, arg=None) -> str:
+    """The adapters-vs-LoRA table and the verdict of its rule (experiments/lora_report.py)."""
+    from . import lora_report
+    table = lora_report.rows()
+    if not table:
+        return 'No finished runs yet.'
+    v = lora_report.verdicts(table)
+    folder = LINKED / lora_report.COMPARE / 'cpu'
+    per_task = '; '.join(f'{lora_report.TASK_TITLES[t]}: {v[t]}' for t in lora_report.TASKS if v.get(t))
+    return (f'{lora_report.comparison_table(table)}\n\n{lora_report.MATCHED_TO} against lora_matched, per task: '
+            f'{per_task or "not all runs finished"}. Verdict: **{v["overall"] or "in progress"}** '
+            f'([comparison]({_link(folder / "comparison.md", base)}), with its figure and the held-out choice).')
+
+
 BLOCKS: Dict[str, Callable[[Path, Optional[str]], str]] = {
     'models': _models, 'claims': claims_table, 'weights': _weights, 'routing-bench': _routing_bench,
     'tasks-bench': _tasks_bench,
     'benchmark': _benchmark, 'benchmark-targets': _benchmark_targets, 'timm-train-py': _timm_train_py,
     'main-job': _main_job, 'layout': _layout, 'speed-gap': _speed_gap, 'memory-parity': _memory_parity,
+    'adapters-vs-lora': _adapters_vs_lora,
 }
 
 

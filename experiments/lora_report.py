@@ -18,7 +18,7 @@ from timm_isomix.train.files import atomic_write_bytes
 from .runner import finished_runs, results_root
 from .studies.adapters_vs_lora import COMPARE, MATCHED_TO, METHODS, SELECT, TASKS
 
-__all__ = ['rows', 'verdicts', 'write_comparison']
+__all__ = ['rows', 'verdicts', 'comparison_table', 'write_comparison']
 
 TASK_TITLES = {'mnistm': 'MNIST-M over the digit bank', 'cifar10': 'CIFAR-10 over the mini-ImageNet bank',
                'cifar10_r50': 'CIFAR-10 over isomix_resnet50 (warm start)'}
@@ -74,7 +74,7 @@ def verdicts(table: List[Dict]) -> Dict[str, Optional[str]]:
     return out
 
 
-def _table(table: List[Dict]) -> str:
+def comparison_table(table: List[Dict]) -> str:
     lines = ['| task | method | trainable | file (KiB) | lr (held-out top-1) | val top-1 (mean ± std) | n |',
              '|---|---|---|---|---|---|---|']
     for r in table:
@@ -133,7 +133,7 @@ def write_comparison(scale: str = 'cpu') -> Dict[str, str]:
             f'{SELECT}), seeds {sorted({s for r in table for s in r["seeds"]})}. "file" is the safetensors the task '
             'ships: the adapter\'s `save_task` file; LoRA\'s peft `adapter_model.safetensors` (LoRA weights and head) '
             'plus its BatchNorm statistics; the linear probe\'s head and statistics; the whole baked network for '
-            f'full fine-tuning.\n\n{_table(table)}\n\n![comparison](comparison.png)\n\n'
+            f'full fine-tuning.\n\n{comparison_table(table)}\n\n![comparison](comparison.png)\n\n'
             f'Rule (experiments/lora_report.py): {MATCHED_TO} against lora_matched per task: {per_task}. '
             f'Verdict for "the adapter matches LoRA at equal trainable parameters": **{v["overall"]}**.\n\n'
             f'## The held-out choice\n\n{_selection(scale)}\n\n'

@@ -151,9 +151,10 @@ def no_autocast(device_type: str):
 
 class _LayerRows:
     """One training forward of a soft schedule: mixes each layer's row when the layer runs, mixes it again when
-    backward needs it, and gathers the rows' gradients for one batched product (see run_mixed)."""
+    backward needs it, and turns the rows' gradients into those of alpha and the bank (see run_mixed)."""
 
     def __init__(self, alpha: torch.Tensor, weight: torch.Tensor, affine: torch.Tensor):
+        self.need = (alpha.requires_grad, weight.requires_grad, affine.requires_grad)
         self.alpha, self.weight, self.affine = alpha.detach(), weight.detach(), affine.detach()
         self.versions = (weight._version, affine._version)
         device = weight.device.type
@@ -161,6 +162,7 @@ class _LayerRows:
         # the kernels run in autocast's dtype (as a conv casts its weight); scale and shift stay in the bank's
         self.dtypes = (torch.get_autocast_dtype(device) if autocast else weight.dtype, affine.dtype)
         self.pending: Dict[int, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+        self.sums: List[Optional[torch.Tensor]] = [None, None, None]
 
     def mix(self, l: int, group: int, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         """Columns start:end of layer l's mixed row of `group` (0: kernels, 1: scale and shift), float32 math."""
@@ -171,35 +173,49 @@ class _LayerRows:
             row = self.alpha[l].to(source.dtype) @ source[:, start:end]
         return row.to(self.dtypes[group])
 
-    def gradients(self, need: Sequence[bool]) -> List[Optional[torch.Tensor]]:
-        """Gradients of alpha, the bank's weight and affine rows from every layer's row gradient."""
+    def add(self, l: int, grad_weight: Optional[torch.Tensor], grad_affine: Optional[torch.Tensor]) -> None:
+        """Layer l's row gradients. Every K of them (the bank's templates) go into the bank's gradient in one
+        batched product: at most K rows wait, as many as the bank's own gradient has."""
+        self.pending[l] = (grad_weight, grad_affine)
+        if len(self.pending) >= self.weight.shape[0]:
+            self._flush()
+
+    def _flush(self) -> None:
         pending, self.pending = self.pending, {}
         index = sorted(pending)
-        grad_alpha = torch.zeros_like(self.alpha) if need[0] else None
-        out: List[Optional[torch.Tensor]] = [grad_alpha, None, None]
         if not index:
-            return out
+            return
+        if self.need[0] and self.sums[0] is None:
+            self.sums[0] = torch.zeros_like(self.alpha)
         alpha = self.alpha[index]
         for group, source in enumerate((self.weight, self.affine)):
             rows = [pending[l][group] for l in index]
-            if all(r is None for r in rows) or not (need[0] or need[1 + group]):
+            if all(r is None for r in rows) or not (self.need[0] or self.need[1 + group]):
                 continue
             rows = [torch.zeros_like(source[0]) if r is None else r for r in rows]
-            grad = torch.empty_like(source) if need[1 + group] else None
+            if self.need[1 + group] and self.sums[1 + group] is None:
+                self.sums[1 + group] = torch.zeros_like(source)
+            grad = self.sums[1 + group]
             step = max(1, _GRAD_BLOCK // len(index))
             for start in range(0, source.shape[1], step):
                 g = torch.stack([r[start:start + step] for r in rows]).to(source.dtype)  # (n, block)
                 if grad is not None:
-                    grad[:, start:start + step] = alpha.t() @ g
-                if grad_alpha is not None:
-                    grad_alpha[index] += g @ source[:, start:start + step].t()
-            out[1 + group] = grad
-        return out
+                    grad[:, start:start + step].addmm_(alpha.t(), g)  # in place: no (K, block) temporary
+                if self.sums[0] is not None:
+                    self.sums[0][index] += g @ source[:, start:start + step].t()
+
+    def gradients(self, need: Sequence[bool]) -> List[Optional[torch.Tensor]]:
+        """Gradients of alpha, the bank's weight and affine rows from every layer's row gradient."""
+        self._flush()
+        sums, self.sums = self.sums, [None, None, None]
+        if need[0] and sums[0] is None:  # no layer's backward ran
+            sums[0] = torch.zeros_like(self.alpha)
+        return [s if n else None for s, n in zip(sums, need)]
 
 
 class _BankGradient(torch.autograd.Function):
-    """Joins one forward's layer rows to alpha and the bank: its backward runs after every layer's has,
-    and turns their row gradients into the gradients of alpha and of the bank in one batched product."""
+    """Joins one forward's layer rows to alpha and the bank: its backward runs after every layer's has, adds
+    the rows still waiting, and hands back the gradients of alpha and of the bank."""
 
     @staticmethod
     def forward(ctx, alpha, weight, affine, rows: _LayerRows):
@@ -226,7 +242,7 @@ class _LayerRow(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_weight, grad_affine):
-        ctx.rows.pending[ctx.l] = (grad_weight, grad_affine)
+        ctx.rows.add(ctx.l, grad_weight, grad_affine)
         return None, None, None
 
 
@@ -261,9 +277,10 @@ def run_mixed(
 
     Layer l's row theta_l = alpha_l @ T is mixed when the layer runs and freed when it is done; what the layer's
     backward needs of it (its kernels and scale) is mixed again from alpha and the bank, the columns it needs
-    only (saved-tensor hooks). The rows' gradients wait for one batched product into the gradients of alpha
-    and the bank (`_BankGradient`), computed in column blocks. So a soft schedule holds in training what a hard
-    order holds: the activations, and the bank and its gradient, at the price of a second mixing product.
+    only (saved-tensor hooks). The rows' gradients go into the gradients of alpha and the bank K rows at a time,
+    in batched products over column blocks (`_LayerRows.add`, `_BankGradient`). So a soft schedule holds in
+    training what a hard order holds: the activations, and the bank and its gradient, at the price of a second
+    mixing product.
     `unflatten(weight_row, affine_row)` gives a layer its parameters as views into its rows.
     """
     rows = _LayerRows(alpha, weight, affine)
