@@ -3,8 +3,9 @@
     python -m experiments.memory_parity --json experiments/results/memory-parity-cpu.json
 
 Each measurement is a fresh process: build the model, an SGD optimizer with momentum and one batch, then
-the peak resident set (reset first) over two training steps minus the resident set before them, with glibc
-asked to keep freed memory (as the benchmark does, `timm_isomix.tools.memory`). Pairs: isomix_iso_256_16_p14
+the peak resident set (reset first) over two training steps minus the resident set before them, every large
+block a mapping of its own that is returned when freed (`timm_isomix.tools.memory.map_every_block`, as the
+benchmark's memory probes), so that the peak is the live tensors' and repeats from launch to launch. Pairs: isomix_iso_256_16_p14
 soft against the same schedule as a hard order; isomix_resnet50 reuse 1, soft and hard, against timm's
 resnet50; each soft schedule also with its mixed rows kept from forward to backward (`Schedule.recompute_rows`
 off), the path the default replaces. `--launches` processes per model, the models' order rotating.
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 import timm
 from timm_isomix.bank import Schedule, cyclic_order
-from timm_isomix.tools.memory import current_rss_kib, peak_rss_kib, reset_peak_rss, retain_freed_memory
+from timm_isomix.tools.memory import current_rss_kib, map_every_block, peak_rss_kib, reset_peak_rss
 
 MODELS = {  # name: (timm model, kwargs, hard order, rows kept)
     'isomix_iso_256_16_p14 soft': ('isomix_iso_256_16_p14', {}, False, False),
@@ -42,7 +43,8 @@ LIMIT = 1.05
 
 def measure(name: str, batch_size: int, img_size: int) -> float:
     """Peak memory growth (MB) of two training steps of one model, in this process."""
-    retain_freed_memory()
+    if not map_every_block():
+        raise RuntimeError('this system has no glibc mallopt to fix the mmap threshold with')
     arch, kwargs, hard, kept = MODELS[name]
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=1000, **kwargs)

@@ -253,10 +253,9 @@ def test_an_optimizer_step_between_training_steps_changes_the_bank_without_error
 # --- peak memory ------------------------------------------------------------------------------------------------
 
 PEAK_MEMORY = '''
-import ctypes, json, sys
-# M_MMAP_THRESHOLD (glibc's malloc.h: -3) fixed at 64 KiB: every tensor above it is a mapping of its own, unmapped
-# when freed, so the peak RSS follows the live tensors (see the test below)
-mapped = ctypes.CDLL(None).mallopt(-3, 2 ** 16) == 1
+import json, sys
+from timm_isomix.tools.memory import map_every_block
+mapped = map_every_block()  # the peak RSS follows the live tensors (see the test below)
 import torch
 torch.set_num_threads(1)
 from timm_isomix.bank import Schedule

@@ -11,7 +11,8 @@ Measured per case:
   - per step, the process's system time and page-faulted memory (getrusage): the kernel's share;
   - peak memory of training: on CPU the peak resident set (VmHWM, reset first) during two training
     steps minus the resident set before them (model, optimizer and batch built), each case in its own
-    subprocess so that no case sees another's peak; on a GPU torch.cuda.max_memory_allocated;
+    subprocess so that no case sees another's peak, with every large block mapped on its own
+    (`map_every_block`) so that the peak is the live tensors'; on a GPU torch.cuda.max_memory_allocated;
   - the share of a profiled training step spent mixing templates (the mixtures' forward plus the
     backward nodes they create), from torch.profiler;
   - FLOPs of one training step per image (torch.utils.flop_counter, forward and backward);
@@ -50,7 +51,7 @@ from timm.optim import create_optimizer_v2
 from ..bank import Mixture
 from ..blocks import MIX_LABEL
 from .bench_cases import Case, build_model, make_cases, plain_isometric, same_depth_resnet
-from .memory import current_rss_kib, peak_rss_kib, reset_peak_rss, retain_freed_memory
+from .memory import current_rss_kib, map_every_block, peak_rss_kib, reset_peak_rss, retain_freed_memory
 
 __all__ = ['Case', 'make_cases', 'plain_isometric', 'same_depth_resnet', 'retain_freed_memory', 'run_benchmark', 'main']
 
@@ -421,15 +422,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.memory_probe is not None:  # its own process: the peak of the live tensors (map_every_block)
+        map_every_block()
+        case = {c.name: c for c in make_cases(args.suite)}[args.memory_probe]
+        print(json.dumps(dict(case=case.name, peak_memory_mb=_peak_memory_mb_here(case, args))))
+        return {}
     if args.allocator == 'retain':
         if retain_freed_memory():
             args.allocator_in_effect = 'retain (glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB)'
         else:
             print('--allocator retain: no glibc mallopt here; timing with the default allocator', file=sys.stderr)
-    if args.memory_probe is not None:
-        case = {c.name: c for c in make_cases(args.suite)}[args.memory_probe]
-        print(json.dumps(dict(case=case.name, peak_memory_mb=_peak_memory_mb_here(case, args))))
-        return {}
     report = run_benchmark(args, argv)
     print(format_table(report))
     with open(args.json, 'w') as fh:
