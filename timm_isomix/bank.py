@@ -335,7 +335,8 @@ class Schedule(nn.Module):
 
     # soft schedules in training: mix each layer's row when it runs and again in backward (blocks.run_mixed)
     # instead of keeping all L rows from forward to backward. Off, the rows are mixed in one product and kept:
-    # about 5 % faster on isomix_resnet50 on a CPU, and the float rounding the committed study runs were made with.
+    # faster where the bank is small beside the activations (experiments/speed_gap.py), and the float rounding
+    # the committed study runs were made with.
     recompute_rows: bool = True
 
     def _trains_mixed(self, x) -> bool:

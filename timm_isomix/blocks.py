@@ -204,13 +204,13 @@ class _LayerRows:
                 if self.sums[0] is not None:
                     self.sums[0][index] += g @ source[:, start:start + step].t()
 
-    def gradients(self, need: Sequence[bool]) -> List[Optional[torch.Tensor]]:
-        """Gradients of alpha, the bank's weight and affine rows from every layer's row gradient."""
+    def gradients(self) -> List[Optional[torch.Tensor]]:
+        """Gradients of alpha, the bank's weight and affine rows (None where not needed) from every layer's."""
         self._flush()
         sums, self.sums = self.sums, [None, None, None]
-        if need[0] and sums[0] is None:  # no layer's backward ran
+        if self.need[0] and sums[0] is None:  # no layer's backward ran
             sums[0] = torch.zeros_like(self.alpha)
-        return [s if n else None for s, n in zip(sums, need)]
+        return sums
 
 
 class _BankGradient(torch.autograd.Function):
@@ -226,7 +226,7 @@ class _BankGradient(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, _):
-        return (*ctx.rows.gradients(ctx.needs_input_grad[:3]), None)
+        return (*ctx.rows.gradients(), None)
 
 
 class _LayerRow(torch.autograd.Function):

@@ -7,6 +7,16 @@ import sys
 __all__ = ['retain_freed_memory', 'map_every_block', 'reset_peak_rss', 'peak_rss_kib', 'current_rss_kib']
 
 
+
+def _mallopt():
+    """glibc's mallopt, or None where there is none (other platforms and C libraries)."""
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+
 def retain_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory in the process: no mmap for large blocks
     (M_MMAP_MAX = 0) and no trimming of the heap below 2 GiB free (M_TRIM_THRESHOLD).
@@ -16,14 +26,9 @@ def retain_freed_memory() -> bool:
     cost as much system time as the step's compute, varying from run to run with the allocator's state.
     Returns False where there is no glibc mallopt (other platforms): timings then include that cost.
     """
-    if not sys.platform.startswith('linux'):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = _mallopt()
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
+    return mallopt is not None and mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
 
 
 def map_every_block(threshold: int = 2 ** 16) -> bool:
@@ -31,14 +36,9 @@ def map_every_block(threshold: int = 2 ** 16) -> bool:
     own (M_MMAP_THRESHOLD, fixed) and returns it to the system when freed, so that the peak resident set follows
     the live tensors, not where freed blocks happen to lie in the heap (which scatters the peak of one training
     step from run to run by tens of MB). Returns False where there is no glibc mallopt."""
-    if not sys.platform.startswith('linux'):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = _mallopt()
     m_mmap_threshold = -3  # from glibc's malloc.h
-    return mallopt(m_mmap_threshold, threshold) == 1
+    return mallopt is not None and mallopt(m_mmap_threshold, threshold) == 1
 
 
 def reset_peak_rss() -> bool:
