@@ -207,6 +207,33 @@ def test_a_soft_training_step_mixes_each_row_when_its_layer_runs_and_again_in_ba
     assert _mix_events(lambda: model(_images()).logsumexp(-1).mean().backward()) == 0  # one product, rows kept
 
 
+def test_by_default_rows_are_mixed_again_only_where_a_schedule_runs_more_layers_than_its_bank_has_templates(
+        monkeypatch, one_thread):
+    """recompute_rows=None: L > K recomputes (the kept rows would grow with depth), L <= K keeps the rows;
+    True and False force either way."""
+    assert Schedule.recompute_rows is None
+    deeper = _model('isomix_iso_64_8_p2', num_templates=4)  # L = 8 > K = 4
+    as_deep = _model('isomix_iso_64_8_p2', num_templates=8)  # L = K = 8
+    assert (deeper.schedule.num_layers, deeper.bank.num_templates) == (8, 4)
+    assert (as_deep.schedule.num_layers, as_deep.bank.num_templates) == (8, 8)
+
+    def events(model):
+        return _mix_events(lambda: model(_images()).logsumexp(-1).mean().backward())
+    assert events(deeper) == 5 * 8
+    assert events(as_deep) == 0
+    as_deep.schedule.recompute_rows = True  # on one model's schedule
+    assert events(as_deep) == 5 * 8
+    deeper.schedule.recompute_rows = False
+    assert events(deeper) == 0
+    staged = _model('isomix_resnet18', reuse=1)  # one template and one layer per bank
+    calls = _spy_run_mixed(monkeypatch)
+    staged(_images()).logsumexp(-1).mean().backward()
+    assert calls['n'] == 0
+    staged2 = _model('isomix_resnet18', reuse=2)
+    staged2(_images()).logsumexp(-1).mean().backward()
+    assert calls['n'] == _num_soft_schedules(staged2) > 0
+
+
 def test_hard_orders_and_eval_run_no_mixing_and_no_recomputation(monkeypatch, one_thread):
     calls = _spy_run_mixed(monkeypatch)
     hard = _model('isomix_iso_64_8_p2', order=cyclic_order(8, 4))

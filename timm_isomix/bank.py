@@ -333,11 +333,18 @@ class Schedule(nn.Module):
         self.layers = nn.ModuleList([self.layer_fn(drop_path=r, device=device, dtype=dtype) for r in rates])
         self.grad_checkpointing = False
 
-    # soft schedules in training: mix each layer's row when it runs and again in backward (blocks.run_mixed)
-    # instead of keeping all L rows from forward to backward. Off, the rows are mixed in one product and kept:
-    # faster where the bank is small beside the activations (experiments/speed_gap.py), and the float rounding
-    # the committed study runs were made with.
-    recompute_rows: bool = True
+    # How a soft schedule trains (blocks.run_mixed): True mixes each layer's row when it runs and again in backward
+    # instead of keeping all L rows from forward to backward; False mixes them in one product and keeps them (the
+    # float rounding the committed study runs were made with). None, the default, recomputes where the schedule
+    # runs more layers than its bank has templates: there the kept rows grow with depth while the parameters do not
+    # (an isometric trunk, reuse); with L <= K they weigh no more than the bank, and keeping them is faster
+    # (experiments/speed_gap.py, docs/performance.md).
+    recompute_rows: Optional[bool] = None
+
+    def _recomputes(self) -> bool:
+        if self.recompute_rows is None:
+            return self.mixture.num_layers > self.mixture.num_templates
+        return bool(self.recompute_rows)
 
     def _trains_mixed(self, x) -> bool:
         """Whether this forward runs a soft mixture under autograd, eagerly (not traced, scripted or compiled)."""
@@ -370,7 +377,7 @@ class Schedule(nn.Module):
         if (route is not None) != self.routed:
             raise ValueError('a routed schedule runs with a route, and only a routed schedule takes one'
                              f' (routed={self.routed}, route given: {route is not None})')
-        if self.recompute_rows and route is None and self._trains_mixed(x):
+        if route is None and self._trains_mixed(x) and self._recomputes():
             return run_mixed(self.layers[:end], x, bank.unflatten, self.mixture.alpha(), bank.weight, bank.affine,
                              take, self.grad_checkpointing)
         num_rows = bank.num_templates if self.mixture.is_hard else self.mixture.num_layers
