@@ -15,7 +15,8 @@ them, the settings alternating), so that what differs between the two measuremen
 
 Per model, protocol and allocator: median step time, ratio to resnet50 (throughput, as the benchmark's
 ratios), system time and page-faulted megabytes per step. Models: resnet50, isomix_resnet50 reuse 1 with
-its soft mixture (rows mixed again in backward, the default, and rows kept), and its hard order.
+its soft mixture both ways `Schedule.recompute_rows` goes (rows mixed again in backward; rows kept from forward to
+backward, its default, as many layers as templates per bank), and its hard order.
 """
 import argparse
 import json
@@ -35,8 +36,9 @@ from timm_isomix.tools.bench_cases import make_cases
 from timm_isomix.tools.benchmark import Runner, interleaved_throughput
 from timm_isomix.tools.memory import retain_freed_memory
 
-MODELS = ('resnet50', 'isomix_resnet50 reuse=1 soft', 'isomix_resnet50 reuse=1 soft, rows kept',
+MODELS = ('resnet50', 'isomix_resnet50 reuse=1 soft, rows recomputed', 'isomix_resnet50 reuse=1 soft, rows kept',
           'isomix_resnet50 reuse=1 hard')
+ROWS = {', rows recomputed': True, ', rows kept': False}  # Schedule.recompute_rows per model name's ending
 
 
 def _runners(batch_size: int, img_size: int) -> List[Runner]:
@@ -45,11 +47,11 @@ def _runners(batch_size: int, img_size: int) -> List[Runner]:
                            img_size=img_size, amp=False)
     runners = []
     for name in MODELS:
-        runner = Runner(cases[name.replace(', rows kept', '')], args)
-        if name.endswith('rows kept'):
-            for m in runner.model.modules():
-                if isinstance(m, Schedule):
-                    m.recompute_rows = False
+        ending = next((e for e in ROWS if name.endswith(e)), '')
+        runner = Runner(cases[name[:len(name) - len(ending)]], args)
+        for m in runner.model.modules():
+            if isinstance(m, Schedule) and ending:
+                m.recompute_rows = ROWS[ending]
         runners.append(runner)
     return runners
 
