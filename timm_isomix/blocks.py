@@ -163,20 +163,35 @@ class _LayerRows:
         self.dtypes = (torch.get_autocast_dtype(device) if autocast else weight.dtype, affine.dtype)
         self.pending: Dict[int, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
         self.sums: List[Optional[torch.Tensor]] = [None, None, None]
+        # backward's rows, mixed again: one layer's at a time, each group's whole row once for all the saved
+        # tensors that are views into it (a layer's kernels and scales), freed when the layer's gradients arrive
+        self.remixed: Tuple[Optional[int], Dict[int, torch.Tensor]] = (None, {})
 
-    def mix(self, l: int, group: int, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
-        """Columns start:end of layer l's mixed row of `group` (0: kernels, 1: scale and shift), float32 math."""
+    def mix(self, l: int, group: int) -> torch.Tensor:
+        """Layer l's mixed row of `group` (0: kernels, 1: scale and shift), float32 math."""
         if (self.weight._version, self.affine._version) != self.versions:
             raise RuntimeError('the template bank was modified in place between a forward and its backward')
         source = (self.weight, self.affine)[group]
-        with no_autocast(source.device.type):
-            row = self.alpha[l].to(source.dtype) @ source[:, start:end]
-        return row.to(self.dtypes[group])
+        with torch.profiler.record_function(MIX_LABEL), no_autocast(source.device.type):
+            row = self.alpha[l:l + 1].to(source.dtype) @ source  # (1, K) @ (K, P): faster than a vector's product
+        return row[0].to(self.dtypes[group])
+
+    def remix(self, l: int, group: int) -> torch.Tensor:
+        """Layer l's whole row of `group`, mixed again for backward (see `remixed`)."""
+        layer, rows = self.remixed
+        if layer != l:
+            layer, rows = l, {}
+            self.remixed = (layer, rows)
+        if group not in rows:
+            rows[group] = self.mix(l, group)
+        return rows[group]
 
     def add(self, l: int, grad_weight: Optional[torch.Tensor], grad_affine: Optional[torch.Tensor]) -> None:
         """Layer l's row gradients. Every K of them (the bank's templates) go into the bank's gradient in one
         batched product: at most K rows wait, as many as the bank's own gradient has."""
         self.pending[l] = (grad_weight, grad_affine)
+        if self.remixed[0] == l:
+            self.remixed = (None, {})
         if len(self.pending) >= self.weight.shape[0]:
             self._flush()
 
@@ -236,8 +251,7 @@ class _LayerRow(torch.autograd.Function):
     def forward(ctx, handle, rows: _LayerRows, l: int):
         ctx.rows, ctx.l = rows, l
         ctx.set_materialize_grads(False)
-        with torch.profiler.record_function(MIX_LABEL):
-            return rows.mix(l, 0), rows.mix(l, 1)
+        return rows.mix(l, 0), rows.mix(l, 1)
 
     @staticmethod
     @once_differentiable
@@ -257,10 +271,8 @@ class _Recompute:
         self.offset, self.shape, self.stride = t.storage_offset() - base, t.shape, t.stride()
 
     def tensor(self) -> torch.Tensor:
-        extent = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if all(self.shape) else 0
-        with torch.profiler.record_function(MIX_LABEL):
-            part = self.rows.mix(self.l, self.group, self.offset, self.offset + extent)
-        return part.as_strided(self.shape, self.stride)
+        row = self.rows.remix(self.l, self.group)
+        return row.as_strided(self.shape, self.stride, row.storage_offset() + self.offset)
 
 
 def run_mixed(
