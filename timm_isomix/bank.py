@@ -21,16 +21,14 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, register_notrace_module
 
-from .blocks import no_autocast, run_mixed
+from .blocks import no_autocast, run_mixed, straight_through_gate
 
 __all__ = ['TemplateBank', 'Mixture', 'Schedule', 'RoutedLayer', 'run_routed', 'cyclic_order', 'order_logits',
            'INIT_LOGIT', 'SHARP_LOGIT', 'MIXTURE_INITS']
 
-# Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2,
-# 0.93 for K=5. Sharp enough that each template first learns a role of its own, soft enough that the
-# softmax gradient is alive and the mixtures can move (at a logit of 16 the softmax saturates and its
-# gradient vanishes).
-# A warm start sets sharp logits instead (SHARP_LOGIT).
+# Initial logit of a layer's scheduled template (the others start at 0): alpha is 0.98 on it for K=2, 0.93 for
+# K=5. Sharp enough that each template first learns a role of its own, soft enough that the softmax gradient is
+# alive and the mixtures can move (at a logit of 16 it saturates). A warm start sets SHARP_LOGIT instead.
 INIT_LOGIT = 4.0
 # The logit (times the temperature) that stands for "this layer runs this template": alpha is one-hot to
 # ~1e-7 per other template, so the layer computes what the template computes to float32 precision.
@@ -231,21 +229,6 @@ def _scheduled_templates(mixture: Mixture) -> List[int]:
     return mixture.argmax_order()
 
 
-class _StraightThroughGate(torch.autograd.Function):
-    """y * gate for a gate that is 1 in value (1 + p - stopgrad(p)): y itself forward, so no multiply and
-    exactly y; backward the product's gradients, grad_y unchanged and grad_gate = sum(grad_y * y) per example."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(y)
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        y, = ctx.saved_tensors
-        return grad, (grad * y).flatten(1).sum(1)
-
-
 # route(l, x) -> (template index per example (B,), gate per example (B,) or None): a router's decision at layer l
 Route = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -283,7 +266,7 @@ def run_routed(
     computes exactly that hard order. In training each group is normalized with its own batch statistics;
     a `RoutedLayer` keeps running statistics per template (a plain layer's one set is shared by all).
     `gate` (B,), if given, is 1 in value and carries a router's straight-through gradient: the output is
-    y * gate, computed as y forward (see _StraightThroughGate).
+    y * gate, computed as y forward (see blocks.straight_through_gate).
     The group sizes are data: FX symbolic tracing cannot follow this and fails at `tolist()`.
     """
     def run(k: int, g: torch.Tensor) -> torch.Tensor:
@@ -299,7 +282,7 @@ def run_routed(
         groups = x.index_select(0, perm).split([counts[k] for k in used])
         y = torch.cat([run(k, g) for k, g in zip(used, groups)]).index_select(0, inverse)
     if gate is not None:
-        y = _StraightThroughGate.apply(y, gate)
+        y = straight_through_gate(y, gate)
     return y
 
 
@@ -333,18 +316,15 @@ class Schedule(nn.Module):
         self.layers = nn.ModuleList([self.layer_fn(drop_path=r, device=device, dtype=dtype) for r in rates])
         self.grad_checkpointing = False
 
-    # How a soft schedule trains (blocks.run_mixed): True mixes each layer's row when it runs and again in backward
-    # instead of keeping all L rows from forward to backward; False mixes them in one product and keeps them (the
-    # float rounding the committed study runs were made with). None, the default, recomputes where the schedule
-    # runs more layers than its bank has templates: there the kept rows grow with depth while the parameters do not
-    # (an isometric trunk, reuse); with L <= K they weigh no more than the bank, and keeping them is faster
-    # (experiments/speed_gap.py, docs/performance.md).
+    # How a soft schedule trains (blocks.run_mixed). True mixes each layer's row when it runs and again in backward;
+    # False mixes all L rows in one product and keeps them to backward. None recomputes where the schedule runs more
+    # layers than its bank has templates: there the kept rows grow with depth and the parameters do not; with L <= K
+    # keeping them is faster and weighs no more than the bank (experiments/speed_gap.py, docs/performance.md).
     recompute_rows: Optional[bool] = None
 
     def _recomputes(self) -> bool:
-        if self.recompute_rows is None:
-            return self.mixture.num_layers > self.mixture.num_templates
-        return bool(self.recompute_rows)
+        rule = self.recompute_rows
+        return self.mixture.num_layers > self.mixture.num_templates if rule is None else bool(rule)
 
     def _trains_mixed(self, x) -> bool:
         """Whether this forward runs a soft mixture under autograd, eagerly (not traced, scripted or compiled)."""
@@ -447,10 +427,9 @@ class Schedule(nn.Module):
     def truncate(self, num_layers: int) -> None:
         """Keep only the first `num_layers` layers (and their mixture rows), e.g. to prune for features."""
         old = self.mixture
-        mixture = Mixture(
-            num_layers, old.num_templates, order=None if old.order is None else old.order[:num_layers],
-            temperature=old.temperature, init_logit=old.init_logit, init=old.init, device=old.logits.device if old.logits is not None else None,
-            dtype=old.logits.dtype if old.logits is not None else None)
+        dd = dict(device=old.logits.device, dtype=old.logits.dtype) if old.logits is not None else {}
+        mixture = Mixture(num_layers, old.num_templates, order=None if old.order is None else old.order[:num_layers],
+                          temperature=old.temperature, init_logit=old.init_logit, init=old.init, **dd)
         if old.logits is not None:
             mixture.logits = nn.Parameter(old.logits.detach()[:num_layers].clone(), old.logits.requires_grad)
         self.mixture = mixture.train(self.training)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath
 
-__all__ = ['BasicLayer', 'BottleneckLayer', 'batch_norm', 'no_autocast', 'run_mixed']
+__all__ = ['BasicLayer', 'BottleneckLayer', 'batch_norm', 'no_autocast', 'run_mixed', 'straight_through_gate']
 
 
 def batch_norm(x: torch.Tensor, stats: nn.BatchNorm2d, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -147,6 +147,26 @@ def no_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+class _StraightThroughGate(torch.autograd.Function):
+    """y * gate for a gate that is 1 in value (1 + p - stopgrad(p)): y itself forward, so no multiply and
+    exactly y; backward the product's gradients, grad_y unchanged and grad_gate = sum(grad_y * y) per example."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, = ctx.saved_tensors
+        return grad, (grad * y).flatten(1).sum(1)
+
+
+def straight_through_gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """y * gate for a gate of value 1: exactly y forward, the product's gradients backward (a router's gate)."""
+    return _StraightThroughGate.apply(y, gate)
 
 
 class _LayerRows:
