@@ -303,6 +303,62 @@ def test_a_mixed_batch_equals_the_per_task_forwards_in_eval(kind):
         assert torch.equal(m(x, task=['a'] * 7), per_task['a'])
 
 
+def _distinct_tasks(m):
+    """Every task's logits, statistics and patch made its own: a task run with another's shows in the outputs."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for path in m.tasks.values():
+            _randomize_bn(path)
+            for p in path.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+@pytest.mark.parametrize('share_from', [None, 2])
+def test_in_eval_an_isometric_backbones_mixed_batch_runs_its_tasksside_by_side_as_their_own_forwards(share_from):
+    m = MultiTaskIsoMix(backbone('isometric'), {'a': 3, 'b': 5}, share_from=share_from)
+    m.add_task('c', 2, patch=True)
+    _distinct_tasks(m)
+    x = torch.randn(11, 3, 32, 32)
+    tasks = ['b', 'a', 'c', 'b', 'c', 'a', 'b', 'a', 'c', 'b', 'a']  # groups of 4, 4 and 3: one example of padding
+    with torch.no_grad():
+        per_task = {t: m(x, task=t) for t in m.tasks}
+        assert m.side_by_side._cache is None
+        out = m(x, task=tasks)
+        wide = m.side_by_side._cache
+        assert wide is not None and all(layer.groups == 3 for layer in wide[5])
+        for i, t in enumerate(tasks):
+            torch.testing.assert_close(out[i, :m.tasks[t].num_classes], per_task[t][i], rtol=1e-5, atol=1e-5)
+        assert torch.equal(m(x, task=tasks), out) and m.side_by_side._cache is wide  # built once
+        two = ['c', 'a'] * 5 + ['c']
+        torch.testing.assert_close(m.forward_features(x, task=two)[1::2], m.forward_features(x, task='a')[1::2],
+                                   rtol=1e-5, atol=1e-5)
+        assert m.side_by_side._cache[0][0] == ('a', 'c')
+        m.bank.weight.mul_(1.5)  # in place: the wide layers are built again
+        changed = m(x, task=tasks)
+        torch.testing.assert_close(changed[0], m(x, task='b')[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, out)
+
+
+def test_mixed_batches_are_grouped_by_task_whereside_by_side_does_not_apply():
+    x = torch.randn(8, 3, 32, 32)
+    m = MultiTaskIsoMix(backbone('isometric'), {'a': 3, 'b': 3})
+    m.add_task('own', 3, own_trunk=True)
+    _distinct_tasks(m)
+    with torch.no_grad():
+        m(x, task=['a'] * 7 + ['b'])  # 6 padded examples for 8: more than a quarter of the batch
+        m(x, task=['a', 'own'] * 4)  # a task with its own trunk
+        m.train()
+        m(x, task=['a', 'b'] * 4)  # training normalizes each group with its own batch statistics
+        m.eval()
+    m(x, task=['a', 'b'] * 4)  # autograd on
+    assert m.side_by_side._cache is None
+    staged = _distinct_tasks(MultiTaskIsoMix(backbone('staged'), {'a': 3, 'b': 3}))
+    with torch.no_grad():
+        staged(x, task=['a', 'b'] * 4)
+    assert staged.side_by_side._cache is None
+
+
 def test_a_mixed_batch_trains_each_task_on_its_own_group():
     m = MultiTaskIsoMix(backbone('isometric'), {'a': 3, 'b': 3}).train()
     x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -498,6 +554,8 @@ def test_the_mixed_task_benchmark_reports_both_backbones_with_ratios_and_the_ada
         assert r['mixed_vs_one_task']['ratio'] > 0 and r['one_task_vs_timm']['timm_ms'] > 0
         assert r['mixed_vs_timm_per_task']['timm_per_task_ms'] > 0
         assert r['adapter']['load_ms'] > 0 and r['adapter']['adapter_bytes'] > 0
+    assert report['results']['study_trunk']['grouped_vs_one_task']['grouped_ms'] > 0  # the side-by-side reference
+    assert 'grouped_vs_one_task' not in report['results']['isomix_resnet50']  # its mixed batch is the grouped one
     assert report['target_ratio'] == 1.2 and report['command'].endswith('--out ' + str(out))
 
 

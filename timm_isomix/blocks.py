@@ -51,6 +51,7 @@ def _init_template(params: Dict[str, torch.Tensor], last_norm: str, zero_init_la
 
 class BasicLayer(nn.Module):
     """conv3x3-BN-act-conv3x3-BN, plus identity, then act (timm's BasicBlock at stride 1)."""
+    groups = 1  # > 1: several tasks' layers side by side, each on its own channels (models/task_wide.py)
 
     def __init__(
             self,
@@ -82,9 +83,9 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         shortcut = x
-        x = F.conv2d(x, params['conv1.weight'], padding=1)
+        x = F.conv2d(x, params['conv1.weight'], padding=1, groups=self.groups)
         x = self.act1(batch_norm(x, self.bn1, params['bn1.weight'], params['bn1.bias']))
-        x = F.conv2d(x, params['conv2.weight'], padding=1)
+        x = F.conv2d(x, params['conv2.weight'], padding=1, groups=self.groups)
         x = self.drop_path(batch_norm(x, self.bn2, params['bn2.weight'], params['bn2.bias']))
         x += shortcut  # in place, as timm's blocks: no new activation-sized tensor (BN backward needs not its output)
         return self.act2(x)
@@ -92,6 +93,7 @@ class BasicLayer(nn.Module):
 
 class BottleneckLayer(nn.Module):
     """conv1x1-BN-act-conv3x3-BN-act-conv1x1-BN, plus identity, then act (timm's Bottleneck at stride 1)."""
+    groups = 1  # as BasicLayer's
 
     def __init__(
             self,
@@ -127,11 +129,11 @@ class BottleneckLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         shortcut = x
-        x = F.conv2d(x, params['conv1.weight'])
+        x = F.conv2d(x, params['conv1.weight'], groups=self.groups)
         x = self.act1(batch_norm(x, self.bn1, params['bn1.weight'], params['bn1.bias']))
-        x = F.conv2d(x, params['conv2.weight'], padding=1)
+        x = F.conv2d(x, params['conv2.weight'], padding=1, groups=self.groups)
         x = self.act2(batch_norm(x, self.bn2, params['bn2.weight'], params['bn2.bias']))
-        x = F.conv2d(x, params['conv3.weight'])
+        x = F.conv2d(x, params['conv3.weight'], groups=self.groups)
         x = self.drop_path(batch_norm(x, self.bn3, params['bn3.weight'], params['bn3.bias']))
         x += shortcut  # in place, as timm's blocks (see BasicLayer)
         return self.act3(x)

@@ -18,12 +18,13 @@ the same order with logit `init_logit` (default INIT_LOGIT = 4: alpha 0.98 on th
 0.93 for K = 5), from which its mixture learns.
 
 `model(x, task=t)`: `t` is a task name, a list of one name per example, or a tensor of indices into
-`list(model.tasks)`. A mixed batch is grouped by task (one stable sort), each task's path runs once on its group
-and the results return in the batch's order (`bank.run_routed`, as for a router's templates). When the batch's
-tasks have heads of different sizes, `forward` returns (B, the largest head's classes), each row padded with
--inf beyond its task's classes: softmax gives those 0, argmax never picks them, and cross-entropy with a task's
-labels is that task's loss. In eval without autograd, each task's mixed rows are computed once and kept until a
-parameter changes or the model trains again (`bank.Mixture`).
+`list(model.tasks)`. A mixed batch is grouped by task (one stable sort), each task's path runs once on its group and
+the results return in the batch's order (`bank.run_routed`, as for a router's templates); in eval without autograd
+over an isometric backbone the tasks run side by side, one network of grouped convolutions (models/task_wide.py).
+When the batch's tasks have heads of different sizes, `forward` returns (B, the largest head's classes), each row
+padded with -inf beyond its task's classes: softmax gives those 0, argmax never picks them, and cross-entropy with
+a task's labels is that task's loss. In eval without autograd each task's mixed rows are computed once and kept
+until a parameter changes or the model trains again (`bank.Mixture`).
 
 The controls that separate the mixtures from the normalization statistics are the same class:
   - `share_from=0`: one mixture for all tasks, i.e. a hard-shared trunk with per-task statistics and heads;
@@ -51,6 +52,7 @@ from .isometric import IsoMixNet
 from .resnet import IsoMixResNet
 from .task_norms import BlockNorms, block_norms, run_block, stats_of
 from .task_path import SharedStage, TaskPath, Tasks, count_params, route_tasks, run_patched, seed_logits, start_logits
+from .task_wide import SideBySide
 
 __all__ = ['TaskPath', 'MultiTaskIsoMix', 'count_params', 'Tasks']
 
@@ -99,10 +101,10 @@ class MultiTaskIsoMix(nn.Module):
         self.backbone_info = backbone_info(backbone)  # architecture and kwargs, for adapters
         self.data_config = backbone_data_config(backbone)
         self.task_info: Dict[str, dict] = {}  # per task: label names, data config, results (adapters)
+        self.side_by_side = SideBySide()  # mixed batches in eval (models/task_wide.py; .enabled)
         # Seeds for tasks: the backbone's logits (a hard order: sharp logits), or a soft start, and statistics.
         # Plain tensors and state dicts, not submodules: seeds are no part of the model's state.
-        if init_logit is None and mixture_init == 'cyclic':
-            init_logit = mixtures[0].init_logit
+        init_logit = mixtures[0].init_logit if init_logit is None and mixture_init == 'cyclic' else init_logit
         self._seed_logits = logits = seed_logits(mixtures, init_logit)
         conv, bn, act, pool = self._stem_parts(None)
         self._seed_stem_state = {k: v.detach().clone() for k, v in stats_of(bn).state_dict().items()}
@@ -429,21 +431,18 @@ class MultiTaskIsoMix(nn.Module):
         name, index = route_tasks(task, list(self.tasks), x.shape[0], x.device)
         if index is None:
             return self._features(x, self.tasks[name])
-        return run_routed(lambda g, n: self._features(g, self.tasks[n]), x, list(self.tasks), index)
+        wide = self.side_by_side(self, x, index)  # None where it does not apply (models/task_wide.py)
+        return wide if wide is not None else run_routed(
+            lambda g, n: self._features(g, self.tasks[n]), x, list(self.tasks), index)
 
     def forward_head(self, x: torch.Tensor, task: Tasks, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)
         if pre_logits:
             return x
         name, index = route_tasks(task, list(self.tasks), x.shape[0], x.device)
-        if index is None:
-            return self.tasks[name].head(x)
-        return run_routed(self._padded_head(index), x, list(self.tasks), index)
+        return self.tasks[name].head(x) if index is None else run_routed(
+            self._padded_head(index), x, list(self.tasks), index)
 
     def forward(self, x: torch.Tensor, task: Tasks) -> torch.Tensor:
         """Logits of each example under its task; a mixed batch with heads of several sizes is padded with -inf."""
-        name, index = route_tasks(task, list(self.tasks), x.shape[0], x.device)
-        if index is None:
-            return self.tasks[name].head(self.pool(self._features(x, self.tasks[name])))
-        head = self._padded_head(index)
-        return run_routed(lambda g, n: head(self.pool(self._features(g, self.tasks[n])), n), x, list(self.tasks), index)
+        return self.forward_head(self.forward_features(x, task), task)

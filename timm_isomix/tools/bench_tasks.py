@@ -3,8 +3,11 @@
 For each backbone, a `MultiTaskIsoMix` with 4 tasks (each its own mixture logits, statistics and head) runs
 inference (eval, no grad; each task's mixed rows cached, as in serving) on a batch of 64:
 
-- **mixed**: the 64 examples spread over the 4 tasks (16 each, in a random order): grouped by task, each task's
-  path run once on its group, the results put back in order;
+- **mixed**: the 64 examples spread over the 4 tasks (16 each, in a random order): on the isometric trunk the tasks
+  run side by side (models/task_wide.py), on the staged backbone grouped by task, each task's path run once on its
+  group, the results put back in order;
+- **grouped** (isometric trunk): the mixed batch grouped by task as on the staged backbone (`side_by_side.enabled`
+  off), the cost side by side running removes;
 - **one task**: the same 64 examples all of one task;
 - **timm**: the one task baked into plain timm modules (`model.bake`; timm's own `ResNet` for the staged backbone),
   the reference that shows what running a task's path through the multi-task model costs;
@@ -59,7 +62,7 @@ def task_model(arch: str, kwargs: Dict[str, Any], seed: int = 0) -> MultiTaskIso
 
 
 def batch_cases(model: MultiTaskIsoMix, img_size: int, batch: int = 64) -> Dict[str, Callable[[], None]]:
-    """{'mixed', 'one_task', 'timm', 'timm_per_task'}: inference on one batch (see the module docstring)."""
+    """{'mixed', 'grouped', 'one_task', 'timm', 'timm_per_task'}: inference on one batch (the module docstring)."""
     x = torch.randn(batch, 3, img_size, img_size)
     names = list(model.tasks)
     mixed = [names[i % len(names)] for i in torch.randperm(batch).tolist()]
@@ -72,7 +75,15 @@ def batch_cases(model: MultiTaskIsoMix, img_size: int, batch: int = 64) -> Dict[
         def call():
             fn()
         return call
-    return {'mixed': infer(lambda: model(x, task=mixed)), 'one_task': infer(lambda: model(x, task=names[0])),
+
+    def grouped():
+        model.side_by_side.enabled = False
+        try:
+            model(x, task=mixed)
+        finally:
+            model.side_by_side.enabled = True
+    return {'mixed': infer(lambda: model(x, task=mixed)), 'grouped': infer(grouped),
+            'one_task': infer(lambda: model(x, task=names[0])),
             'timm': infer(lambda: baked(x)), 'timm_per_task': infer(lambda: [nets[n](g) for n, g in groups.items()])}
 
 
@@ -111,6 +122,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         results[name] = {
             'arch': arch, 'model_kwargs': kwargs, 'img_size': img_size,
             'mixed_vs_one_task': _compare(fns, 'mixed', 'one_task', args),
+            **({} if model.staged else {'grouped_vs_one_task': _compare(fns, 'grouped', 'one_task', args)}),
             'one_task_vs_timm': _compare(fns, 'one_task', 'timm', args),
             'mixed_vs_timm_per_task': _compare(fns, 'mixed', 'timm_per_task', args),
             'adapter': adapter_load(model, args.load_reps),
@@ -127,12 +139,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def format_table(report: Dict[str, Any]) -> str:
-    lines = ['| backbone | px | one task ms | mixed ms | mixed / one task | <= 1.2 | one task / timm | '
-             'mixed / timm per task | adapter load ms | adapter KiB |', '|---|---|---|---|---|---|---|---|---|---|']
+    lines = ['| backbone | px | one task ms | mixed ms | mixed / one task | <= 1.2 | grouped / one task | one task / timm '
+             '| mixed / timm per task | adapter load ms | adapter KiB |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for name, r in report['results'].items():
         m, t, p, a = r['mixed_vs_one_task'], r['one_task_vs_timm'], r['mixed_vs_timm_per_task'], r['adapter']
+        g = f"{r['grouped_vs_one_task']['ratio']:.3f}" if 'grouped_vs_one_task' in r else '– (mixed is grouped)'
         lines.append(f"| {name} | {r['img_size']} | {m['one_task_ms']:.1f} | {m['mixed_ms']:.1f} | {m['ratio']:.3f} | "
-                     f"{'yes' if m['ratio'] <= TARGET else 'no'} | {t['ratio']:.3f} | {p['ratio']:.3f} | "
+                     f"{'yes' if m['ratio'] <= TARGET else 'no'} | {g} | {t['ratio']:.3f} | {p['ratio']:.3f} | "
                      f"{a['load_ms']:.1f} | {a['adapter_bytes'] / 1024:.1f} |")
     return '\n'.join(lines)
 
