@@ -157,7 +157,8 @@ def report_text(study: Study, scale: str = 'cpu') -> str:
         raise FileNotFoundError(f'study {study.name!r} has no finished runs at scale {scale!r} in {folder}')
     parts = [f'# {study.name} ({scale})', study.description]
     if scale != 'cpu':
-        parts.append(f'This scale differs from the study\'s default in:{_run_flags(study, scale)}.')
+        parts.append(f'The sizes above are the study\'s default scale; this one differs from it in:'
+                     f'{_run_flags(study, scale)}.')
         parts += _preset_lines(study, scale, rows)
     parts.append(markdown_table(study, rows))
     if study.name in PIVOTS:

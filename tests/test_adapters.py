@@ -315,7 +315,7 @@ def _distinct_tasks(m):
 
 
 @pytest.mark.parametrize('share_from', [None, 2])
-def test_in_eval_an_isometric_backbones_mixed_batch_runs_its_tasksside_by_side_as_their_own_forwards(share_from):
+def test_in_eval_an_isometric_backbones_mixed_batch_runs_its_tasks_side_by_side_as_their_own_forwards(share_from):
     m = MultiTaskIsoMix(backbone('isometric'), {'a': 3, 'b': 5}, share_from=share_from)
     m.add_task('c', 2, patch=True)
     _distinct_tasks(m)
@@ -340,7 +340,7 @@ def test_in_eval_an_isometric_backbones_mixed_batch_runs_its_tasksside_by_side_a
     assert not torch.allclose(changed, out)
 
 
-def test_mixed_batches_are_grouped_by_task_whereside_by_side_does_not_apply():
+def test_mixed_batches_are_grouped_by_task_where_side_by_side_does_not_apply():
     x = torch.randn(8, 3, 32, 32)
     m = MultiTaskIsoMix(backbone('isometric'), {'a': 3, 'b': 3})
     m.add_task('own', 3, own_trunk=True)
