@@ -17,11 +17,11 @@ import torch.nn as nn
 from timm.layers import SelectAdaptivePool2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ['bake_task']
+__all__ = ['bake_task', 'layer_params']
 
 
 @torch.no_grad()
-def _layer_params(model, path) -> List[List[Dict[str, torch.Tensor]]]:
+def layer_params(model, path) -> List[List[Dict[str, torch.Tensor]]]:
     """Per schedule, per executed layer: its parameters by timm name (mixed kernels; patch or mixed scale, shift)."""
     patches = model._patch_rows(path) if path.has_patch else None
     out = []
@@ -47,7 +47,7 @@ def _stem_state(model, path, prefix: str) -> Dict[str, torch.Tensor]:
 def _layers_state(model, path, prefix_of) -> Dict[str, torch.Tensor]:
     """Every executed layer's parameters and statistics under `prefix_of(schedule, layer)`."""
     state = {}
-    for i, (schedule, rows) in enumerate(zip(path.schedules, _layer_params(model, path))):
+    for i, (schedule, rows) in enumerate(zip(path.schedules, layer_params(model, path))):
         for l, (layer, params) in enumerate(zip(schedule.layers, rows)):
             prefix = prefix_of(i, l)
             state.update({prefix + k: v for k, v in params.items()})

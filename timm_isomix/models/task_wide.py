@@ -15,12 +15,13 @@ backbones stay grouped: their strided first blocks and larger images keep the gr
 The wide layers are built once and kept until a tensor they come from changes (as `bank.Mixture` keeps its rows).
 """
 import copy
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..blocks import batch_norm
+from .bake import layer_params
 from .task_path import TaskPath
 
 __all__ = ['SideBySide', 'MAX_PADDING']
@@ -61,8 +62,7 @@ class SideBySide:
     def applies(self, model, paths: Sequence[TaskPath]) -> bool:
         return (self.enabled and not model.staged and not model.training and not torch.is_grad_enabled()
                 and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-                and all(p.stem is None and p.bank is None for p in paths)
-                and not any(p.has_patch and s.mixture.is_hard for p in paths for s in p.schedules))
+                and all(p.stem is None and p.bank is None for p in paths))
 
     def __call__(self, model, x: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
         """The features of `x`, example b under task `index[b]` (into `model.tasks`); None where it does not apply."""
@@ -101,24 +101,10 @@ class SideBySide:
             bn = model.stem.bn
             scales = [p.patch_stem[0] if p.patch_stem is not None else bn.weight for p in paths]
             shifts = [p.patch_stem[1] if p.patch_stem is not None else bn.bias for p in paths]
-            per_task = [_layer_params(model, p) for p in paths]
+            per_task = [[row for rows in layer_params(model, p) for row in rows] for p in paths]
             layers = [_wide_layer(ls) for ls in zip(*[[l for s in p.schedules for l in s.layers] for p in paths])]
             params = [{n: torch.cat([p[n] for p in ps]) for n in ps[0]} for ps in zip(*per_task)]
             self._cache = (key, sources, _cat_stats([p.stem_stats for p in paths]), torch.cat(scales),
                            torch.cat(shifts), layers, params)
         return self._cache[2:]
 
-
-def _layer_params(model, path: TaskPath) -> List[Dict[str, torch.Tensor]]:
-    """The parameters each executed layer of `path` runs, in order (as `Schedule.forward` and `run_patched` do)."""
-    patches = model._patch_rows(path) if path.has_patch else None
-    out = []
-    for i, s in enumerate(path.schedules):
-        bank = model._bank_for(path, i)
-        weight, affine = s.mixture(bank.weight, bank.affine)
-        if patches is not None:
-            out += bank.unflatten_rows(weight, patches[i], s.num_layers)
-        else:
-            rows = bank.unflatten_rows(weight, affine, bank.num_templates if s.mixture.is_hard else s.num_layers)
-            out += [rows[r] for r in s.mixture.rows()]
-    return out
