@@ -1,12 +1,12 @@
 """A mixed-task batch over an isometric backbone, its tasks run side by side as one wide network.
 
 Grouped by task (`bank.run_routed`), a batch of 64 over 4 tasks runs every layer 4 times on 16 examples, and on a
-CPU a convolution of 16 examples costs more than a quarter of one of 64 (1.3x one task's batch on the multi-task
-studies' trunk, tools/bench_tasks.py). Side by side, the tasks' layers form one layer with T times the channels:
-each task's group, padded to the largest group's size m, is laid out as channels (m, T * C, H, W), every
-convolution is grouped (`groups=T`: the channels of task t meet only task t's kernels) and every normalization
-takes the tasks' statistics, scales and shifts one after another. Each task therefore computes its own path, and
-the batch runs as one batch.
+CPU a convolution of 16 examples costs more than a quarter of one of 64 (on the multi-task studies' trunk:
+tools/bench_tasks.py, `grouped` against `one_task`). Side by side, the tasks' layers form one layer with T times
+the channels: each task's group, padded to the largest group's size m, is laid out as channels (m, T * C, H, W),
+every convolution is grouped (`groups=T`: the channels of task t meet only task t's kernels) and every
+normalization takes the tasks' statistics, scales and shifts one after another. Each task therefore computes its
+own path, and the batch runs as one batch.
 
 It applies in eval without autograd (serving; training normalizes each task's group with its own batch statistics,
 which padding would change), over an isometric backbone whose tasks share its stem convolution and bank (no
@@ -75,12 +75,8 @@ class SideBySide:
             return None
         stem_stats, scale, shift, layers, params = self._build(model, [names[k] for k in used], paths)
         # each example's slot in the padded, task-major batch (t * m, ...): used task g's j-th example at g * m + j
-        dev = x.device
-        sorted_at = torch.empty_like(index).scatter_(0, torch.argsort(index, stable=True), torch.arange(b, device=dev))
-        starts = torch.tensor([sum(counts[:k]) for k in range(len(names))], device=dev)
-        group = torch.zeros(len(names), dtype=torch.long, device=dev).index_put_(
-            (torch.tensor(used, device=dev),), torch.arange(t, device=dev))
-        slot = group[index] * m + sorted_at - starts[index]
+        ranks = [torch.arange(counts[k], device=x.device) + g * m for g, k in enumerate(used)]
+        slot = torch.empty_like(index).scatter_(0, torch.argsort(index, stable=True), torch.cat(ranks))
         stem = model.stem
         y = stem.conv(x)
         padded = y.new_zeros(t * m, *y.shape[1:]).index_copy_(0, slot, y)
